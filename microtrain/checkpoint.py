@@ -1,0 +1,140 @@
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` only.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts:
+    format, epoch, step, model, optimizer, scheduler, grad_scaler, history, rng, recipe_hash, plugins
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from microtrain.errors import MicrotrainError
+
+FORMAT = 1
+
+
+class CheckpointError(MicrotrainError):
+    """A checkpoint is missing, corrupt, or not a microtrain checkpoint."""
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, as plain lists and tensors."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": list(random.getstate()),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any byte leaves either the old file or the new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint without executing any code it might carry."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or carrying pickled objects other than tensors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint '{path}' is corrupt or unsafe and was not loaded ({first[:200]}); "
+            "resume from another checkpoint or start a new run"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or "model" not in checkpoint:
+        raise CheckpointError(f"'{path}' is not a microtrain checkpoint (format {FORMAT})")
+    return checkpoint
+
+
+def make_checkpoint(state, pm) -> dict[str, Any]:
+    """Assemble the checkpoint of ``state`` at the end of ``state.epoch``."""
+    from microtrain.plugin_manager import call_hook
+
+    scaler = state.extras.get("grad_scaler")
+    checkpoint = {
+        "format": FORMAT,
+        "epoch": state.epoch,
+        "step": state.step,
+        "model": state.unwrapped_model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "grad_scaler": scaler.state_dict() if scaler is not None else {},
+        "history": state.history,
+        "rng": rng_state(),
+        "recipe_hash": recipe_hash(state.recipe),
+        "classes": list(state.data.classes),
+        "plugins": {},
+    }
+    call_hook(pm, "on_checkpoint_save", state=state, checkpoint=checkpoint)
+    return checkpoint
+
+
+def restore_checkpoint(state, checkpoint: dict[str, Any], pm) -> None:
+    """Put a checkpoint back into ``state`` so the next epoch is ``checkpoint['epoch'] + 1``."""
+    from microtrain.plugin_manager import call_hook
+
+    try:
+        state.unwrapped_model.load_state_dict(checkpoint["model"])
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint does not fit this recipe's model or optimizer: {str(exc).splitlines()[0]}") from None
+    scaler = state.extras.get("grad_scaler")
+    if scaler is not None and checkpoint.get("grad_scaler"):
+        scaler.load_state_dict(checkpoint["grad_scaler"])
+    state.history = list(checkpoint["history"])
+    state.epoch = int(checkpoint["epoch"])
+    state.start_epoch = state.epoch + 1
+    state.step = int(checkpoint["step"])
+    set_rng_state(checkpoint["rng"])
+    call_hook(pm, "on_checkpoint_load", state=state, checkpoint=checkpoint)

@@ -1,0 +1,209 @@
+"""The component registry: every model, dataset, loader, optimizer, schedule and callback a recipe
+can pick by ``name:``. Plugins fill it from their ``register_components`` hook.
+
+A component is a plain callable. Its *keyword-only* parameters are its recipe options: their
+type hints are what the recipe is validated against, their defaults are the defaults, and a
+keyword-only parameter with no default is a required option. Positional parameters are the
+context the engine passes (for example the model's ``num_classes``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from microtrain.errors import RecipeError, did_you_mean
+
+KINDS = ("model", "data", "loader", "optimizer", "schedule", "callback")
+
+_MISSING = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    annotation: Any
+    default: Any = _MISSING
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    def type_name(self) -> str:
+        return _type_name(self.annotation)
+
+
+@dataclass
+class Component:
+    kind: str
+    name: str
+    factory: Callable
+    plugin: str
+    options: dict[str, Option] = field(default_factory=dict)
+
+    @property
+    def doc(self) -> str:
+        text = inspect.getdoc(self.factory) or ""
+        return text.split("\n\n")[0].replace("\n", " ")
+
+    def validate(self, options: dict[str, Any], where: str) -> dict[str, Any]:
+        """Check ``options`` against what this component declares; return them with defaults filled."""
+        for key in options:
+            if key not in self.options:
+                known = ", ".join(self.options) or "none"
+                raise RecipeError(
+                    f"{where}: '{key}' is not an option of {self.kind} '{self.name}'"
+                    f"{did_you_mean(key, self.options)}; its options are: {known}"
+                )
+        resolved = {}
+        for opt in self.options.values():
+            if opt.name in options:
+                resolved[opt.name] = check_type(options[opt.name], opt.annotation, f"{where}.{opt.name}")
+            elif opt.required:
+                raise RecipeError(
+                    f"{where}.{opt.name} is required by {self.kind} '{self.name}' ({opt.type_name()}); "
+                    f"add it to the recipe or pass {where}.{opt.name}=VALUE"
+                )
+            else:
+                resolved[opt.name] = opt.default
+        return resolved
+
+    def build(self, *context: Any, options: dict[str, Any]) -> Any:
+        return self.factory(*context, **options)
+
+
+def options_of(factory: Callable) -> dict[str, Option]:
+    """Read a factory's keyword-only parameters as recipe options."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    hints = typing.get_type_hints(target)
+    opts = {}
+    for param in inspect.signature(target).parameters.values():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            opts[param.name] = Option(param.name, hints.get(param.name, Any), param.default)
+    return opts
+
+
+class Registry:
+    """Components by kind and name. Passed to every plugin's ``register_components`` hook."""
+
+    def __init__(self) -> None:
+        self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        self.current_plugin = "?"
+
+    def add(self, kind: str, name: str, factory: Callable) -> None:
+        """Register ``factory`` as component ``name`` of ``kind`` (one of KINDS)."""
+        if kind not in KINDS:
+            raise RecipeError(f"plugin '{self.current_plugin}' registers unknown kind '{kind}'; kinds are {KINDS}")
+        existing = self._components[kind].get(name)
+        if existing is not None and existing.factory is not factory:
+            raise RecipeError(
+                f"{kind} '{name}' is registered twice: by plugin '{existing.plugin}' and by plugin "
+                f"'{self.current_plugin}'; rename one of them"
+            )
+        self._components[kind][name] = Component(kind, name, factory, self.current_plugin, options_of(factory))
+
+    # Short forms, so a plugin reads `registry.model("dsconv", build_dsconv)`.
+    def model(self, name: str, factory: Callable) -> None:
+        self.add("model", name, factory)
+
+    def data(self, name: str, factory: Callable) -> None:
+        self.add("data", name, factory)
+
+    def loader(self, name: str, factory: Callable) -> None:
+        self.add("loader", name, factory)
+
+    def optimizer(self, name: str, factory: Callable) -> None:
+        self.add("optimizer", name, factory)
+
+    def schedule(self, name: str, factory: Callable) -> None:
+        self.add("schedule", name, factory)
+
+    def callback(self, name: str, factory: Callable) -> None:
+        self.add("callback", name, factory)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._components[kind])
+
+    def has(self, kind: str, name: str) -> bool:
+        return name in self._components[kind]
+
+    def get(self, kind: str, name: Any, where: str) -> Component:
+        if not isinstance(name, str) or name not in self._components[kind]:
+            available = ", ".join(self.names(kind)) or "none registered"
+            raise RecipeError(
+                f"{where}: unknown {kind} '{name}'{did_you_mean(name, self._components[kind])}; "
+                f"available: {available}"
+            )
+        return self._components[kind][name]
+
+    def all(self) -> dict[str, dict[str, Component]]:
+        return {kind: dict(sorted(items.items())) for kind, items in self._components.items()}
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is Any:
+        return "any"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Return ``value`` if it fits ``annotation`` (ints are accepted as floats), else raise RecipeError."""
+    if annotation is Any:
+        return value
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return check_type(value, arg, where)
+            except RecipeError:
+                continue
+        raise _type_error(value, annotation, where)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise RecipeError(
+            f"{where}: {value!r} is not allowed{did_you_mean(value, args)}; choose one of {', '.join(map(repr, args))}"
+        )
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise _type_error(value, annotation, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(value, annotation, where)
+        if args and args[-1] is not Ellipsis and origin is tuple:
+            if len(args) != len(value):
+                raise RecipeError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return [check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        item = args[0] if args else Any
+        return [check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(value, annotation, where)
+        return value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(value, annotation, where)
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(value, annotation, where)
+    if isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        raise _type_error(value, annotation, where)
+    return value
+
+
+def _type_error(value: Any, annotation: Any, where: str) -> RecipeError:
+    return RecipeError(
+        f"{where}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}; fix the value in the "
+        f"recipe or override it as {where}=VALUE"
+    )

@@ -1,0 +1,204 @@
+"""Recipes: YAML files (read with ``yaml.safe_load`` only), dotted command-line overrides, and
+validation against the core fields below and against the options each picked component declares.
+
+A resolved recipe is a plain dict; every component section holds ``name`` plus every option
+with its default filled in, so the saved ``recipe.yaml`` says exactly what ran.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from microtrain.components import Registry, check_type
+from microtrain.errors import RecipeError, did_you_mean
+
+COMPONENT_SECTIONS = {"model": "model", "data": "data", "loader": "loader", "optimizer": "optimizer", "schedule": "schedule"}
+
+DEFAULT_PLUGINS = ["progress", "metrics", "checkpoint", "summary"]
+
+# Core fields: (type, default); a default of REQUIRED means the recipe must set it.
+REQUIRED = object()
+CORE_FIELDS: dict[str, tuple[Any, Any]] = {
+    "name": (str, REQUIRED),
+    "epochs": (int, REQUIRED),
+    "seed": (int, 0),
+    "device": (str, "auto"),
+    "threads": (int, 0),
+    "precision": (Literal["fp32", "bf16", "fp16"], "fp32"),
+    "channels_last": (bool, True),
+    "compile": (bool, False),
+    "deterministic": (bool, False),
+    "label_smoothing": (float, 0.0),
+    "grad_clip": (float | None, None),
+    "sync_batchnorm": (bool, False),
+    "plugins": (list, DEFAULT_PLUGINS),
+}
+FIELD_HELP = {
+    "name": "the run's name; run dirs go to runs/<name>/<timestamp>",
+    "epochs": "number of training epochs",
+    "seed": "seed for shuffling, augmentation and initialisation",
+    "device": "auto (cuda when present, else cpu), cpu, cuda or cuda:N",
+    "threads": "torch CPU threads; 0 uses every core",
+    "precision": "fp32, or autocast to bf16 / fp16 for the forward pass",
+    "channels_last": "NHWC memory layout for conv models (faster on CPU and tensor cores)",
+    "compile": "torch.compile the model",
+    "deterministic": "deterministic algorithms (exact resume, slower on GPU)",
+    "label_smoothing": "label smoothing of the cross-entropy loss",
+    "grad_clip": "clip the gradient norm to this value (none: no clipping)",
+    "sync_batchnorm": "use SyncBatchNorm across ranks in distributed GPU runs",
+    "plugins": "callbacks by name (a dict gives options) and plugin modules by import path",
+}
+
+
+def load_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file; malformed YAML becomes one line with the line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' not found; pass the path to a .yaml recipe, e.g. recipes/cifar10_dsconv.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe '{path}': {exc}") from None
+    return parse_recipe_text(text, str(path))
+
+
+def parse_recipe_text(text: str, source: str = "<recipe>") -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{where}: malformed YAML: {problem}; fix the syntax at that line") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of fields (name:, epochs:, model:, ...), got {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise RecipeError(f"{source}: field names must be text, got {key!r}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar or flow list/dict)."""
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' has no '='; write it as key.path=value, e.g. epochs=5")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p for p in parts):
+        raise RecipeError(f"override '{text}' has an empty key; write it as key.path=value, e.g. loader.batch_size=256")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not valid YAML: take it as text
+    return parts, value
+
+
+def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], dict[str, set[str]]]:
+    """Apply dotted overrides. Returns the new recipe and, per section, the keys set on the command line."""
+    recipe = copy.deepcopy(recipe)
+    from_cli: dict[str, set[str]] = {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = recipe
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                path = ".".join(parts[: depth + 1])
+                raise RecipeError(f"override '{text}': '{path}' is a {type(child).__name__}, not a section with fields")
+            node = child
+        node[parts[-1]] = value
+        if len(parts) >= 2:
+            from_cli.setdefault(parts[0], set()).add(parts[1])
+    return recipe, from_cli
+
+
+def resolve_recipe(raw: dict[str, Any], registry: Registry, from_cli: dict[str, set[str]] | None = None,
+                   original: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate a recipe and fill in defaults.
+
+    When an override switched a component (``data.name=imagefolder``), options that came from the
+    file and that the new component does not take are dropped; options given on the command line
+    must still fit the new component.
+    """
+    from_cli = from_cli or {}
+    allowed = set(CORE_FIELDS) | set(COMPONENT_SECTIONS)
+    for key in raw:
+        if key not in allowed:
+            raise RecipeError(
+                f"unknown recipe field '{key}'{did_you_mean(key, allowed)}; recipe fields are: {', '.join(sorted(allowed))}"
+            )
+    resolved: dict[str, Any] = {}
+    for key, (annotation, default) in CORE_FIELDS.items():
+        if key in raw:
+            resolved[key] = check_type(raw[key], annotation, key)
+        elif default is REQUIRED:
+            raise RecipeError(f"recipe field '{key}' is missing: {FIELD_HELP[key]}; add '{key}: ...' to the recipe")
+        else:
+            resolved[key] = copy.deepcopy(default)
+    if resolved["epochs"] < 1:
+        raise RecipeError(f"epochs: must be at least 1, got {resolved['epochs']}")
+    for section, kind in COMPONENT_SECTIONS.items():
+        body = raw.get(section)
+        if body is None:
+            raise RecipeError(f"recipe section '{section}' is missing; add '{section}: {{name: ...}}' (see `microtrain plugins`)")
+        if isinstance(body, str):
+            body = {"name": body}
+        if not isinstance(body, dict):
+            raise RecipeError(f"{section}: expected a section like {{name: ..., option: value}}, got {type(body).__name__}")
+        if "name" not in body:
+            raise RecipeError(f"{section}.name is missing; pick one of: {', '.join(registry.names(kind))}")
+        component = registry.get(kind, body["name"], f"{section}.name")
+        options = {k: v for k, v in body.items() if k != "name"}
+        original_body = (original or {}).get(section)
+        switched = isinstance(original_body, dict) and original_body.get("name") != body["name"] and "name" in from_cli.get(section, set())
+        if switched:
+            cli_keys = from_cli.get(section, set())
+            options = {k: v for k, v in options.items() if k in component.options or k in cli_keys}
+        resolved[section] = {"name": body["name"], **component.validate(options, section)}
+    resolved["plugins"] = [_check_plugin_entry(entry, registry, i) for i, entry in enumerate(resolved["plugins"])]
+    return resolved
+
+
+def _check_plugin_entry(entry: Any, registry: Registry, index: int) -> Any:
+    """A plugins entry is a callback name, {name: {options}}, or a module import path."""
+    where = f"plugins[{index}]"
+    if isinstance(entry, dict):
+        if len(entry) != 1:
+            raise RecipeError(f"{where}: write a callback with options as {{name: {{option: value}}}}, got {entry!r}")
+        (name, options), = entry.items()
+        options = options or {}
+        if not isinstance(options, dict):
+            raise RecipeError(f"{where}: options of '{name}' must be a mapping, got {options!r}")
+        component = registry.get("callback", name, where)
+        return {name: component.validate(options, f"plugins.{name}")}
+    if not isinstance(entry, str) or not entry:
+        raise RecipeError(f"{where}: expected a callback name or a module path, got {entry!r}")
+    if registry.has("callback", entry):
+        return entry
+    if "." not in entry and not _module_exists(entry):
+        raise RecipeError(
+            f"{where}: '{entry}' is neither a callback{did_you_mean(entry, registry.names('callback'))} nor an importable "
+            f"module; callbacks: {', '.join(registry.names('callback'))}"
+        )
+    return entry
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def dump_recipe(recipe: dict[str, Any]) -> str:
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=100)

@@ -1,0 +1,167 @@
+"""Loader ``albumentations``: a torch DataLoader whose workers run an albumentations pipeline.
+
+Each worker produces a whole batch (one inter-process message per batch, not per image) of
+augmented uint8 images; the main process turns it into a normalised float tensor on the device.
+The augmentation of a batch is seeded from (seed, epoch, batch index), so results do not depend
+on the number of workers and a run can be resumed exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from typing import Any, Iterator
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
+
+import numpy as np
+import torch
+
+import microtrain
+from microtrain.errors import RecipeError
+from microtrain.sampling import batch_count, batch_seed, epoch_batches
+from microtrain.state import LoaderContext
+from plugins.augment_spec import parse_augment_list
+
+
+def build_transforms(entries: list[Any], where: str = "loader.augment"):
+    """Recipe list -> albumentations Compose. An argument albumentations does not know is an error."""
+    import albumentations as A
+
+    transforms = []
+    for i, (name, args) in enumerate(parse_augment_list(entries, where)):
+        cls = getattr(A, name, None)
+        if not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
+            from microtrain.errors import did_you_mean
+
+            known = [n for n in dir(A) if inspect.isclass(getattr(A, n)) and issubclass(getattr(A, n), A.BasicTransform)]
+            raise RecipeError(f"{where}[{i}]: '{name}' is not an albumentations transform{did_you_mean(name, known)}")
+        params = inspect.signature(cls.__init__).parameters
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        valid = [p for p in params if p not in ("self", "args", "kwargs")]
+        for key in args:
+            if key not in params or (accepts_any and key not in valid):
+                from microtrain.errors import did_you_mean
+
+                raise RecipeError(
+                    f"{where}[{i}]: {name} has no argument '{key}'{did_you_mean(key, valid)} in albumentations 2.x "
+                    f"(it would be silently ignored); its arguments are: {', '.join(valid)}"
+                )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                transforms.append(cls(**args))
+        except Exception as exc:  # pydantic ValidationError, UserWarning turned error, TypeError
+            first = str(exc).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[:3])
+            raise RecipeError(f"{where}[{i}]: invalid arguments for {name}: {detail[:300]}") from None
+    return A.Compose(transforms)
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Index = (epoch, batch number): returns the augmented uint8 batch (B, H, W, C) and labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: list[Any], seed: int, rank: int):
+        self.images, self.labels = images, labels
+        self.augment = augment
+        self.seed, self.rank = seed, rank
+        self._pipeline = None
+
+    def __getitem__(self, key: tuple[int, int, np.ndarray]):
+        epoch, number, indices = key
+        images = self.images[indices]
+        if self.augment:
+            if self._pipeline is None:  # built in the worker process: albumentations objects stay there
+                self._pipeline = build_transforms(self.augment)
+            self._pipeline.set_random_seed(batch_seed(self.seed, epoch, number, self.rank))
+            images = np.stack([self._pipeline(image=image)["image"] for image in images])
+        return torch.from_numpy(images), torch.from_numpy(self.labels[indices])
+
+    def __len__(self) -> int:  # unused: batches are addressed through the sampler's keys
+        return 0
+
+
+class AlbumentationsLoader:
+    """Batches of (normalised float NCHW images, int64 labels) on ``context.device``."""
+
+    def __init__(self, context: LoaderContext, *, batch_size: int, eval_batch_size: int, workers: int,
+                 augment: list[Any], drop_last: bool, prefetch_factor: int):
+        self.context = context
+        self.train = context.train
+        self.batch_size = batch_size if self.train else eval_batch_size
+        self.drop_last = drop_last and self.train
+        self.workers = workers
+        self.epoch = 1
+        self.start_batch = 0
+        augment = augment if self.train else []
+        if augment:
+            build_transforms(augment)  # validate now, in the main process, so errors surface before training
+        self.dataset = _BatchDataset(context.images, context.labels, augment, context.seed, context.rank)
+        device = context.device
+        channels = context.images.shape[-1]
+        self.mean = torch.tensor(context.mean, device=device).view(1, channels, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(context.std, device=device).view(1, channels, 1, 1) * 255.0)
+        self._loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            sampler=_KeySampler(self),
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=prefetch_factor if workers > 0 else None,
+        )
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Shuffle and augment for ``epoch``; ``start_batch`` skips batches already trained (resume)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def keys(self) -> list[tuple[int, int, np.ndarray]]:
+        c = self.context
+        batches = epoch_batches(len(c.labels), self.batch_size, seed=c.seed, epoch=self.epoch, shuffle=self.train,
+                                drop_last=self.drop_last, rank=c.rank, world_size=c.world_size)
+        return [(self.epoch, i, idx) for i, idx in enumerate(batches)][self.start_batch:]
+
+    def __len__(self) -> int:
+        c = self.context
+        return batch_count(len(c.labels), self.batch_size, self.drop_last, c.world_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.context.device
+        non_blocking = device.type == "cuda"
+        for images, labels in self._loader:
+            images = images.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).float()
+            images = (images - self.mean) * self.inv_std  # NHWC storage: already channels_last
+            if not self.context.channels_last:
+                images = images.contiguous()
+            yield images, labels.to(device, non_blocking=non_blocking)
+        self.start_batch = 0
+
+
+class _KeySampler(torch.utils.data.Sampler):
+    def __init__(self, loader: AlbumentationsLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader.keys())
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def build_albumentations_loader(context: LoaderContext, *, batch_size: int = 128, eval_batch_size: int = 500,
+                                workers: int = 1, augment: list = [], drop_last: bool = False,  # noqa: B006
+                                prefetch_factor: int = 4) -> AlbumentationsLoader:
+    """CPU augmentation with albumentations in DataLoader worker processes (any albumentations transform)."""
+    if batch_size < 1 or eval_batch_size < 1:
+        raise RecipeError("loader.batch_size and loader.eval_batch_size must be at least 1")
+    if workers < 0:
+        raise RecipeError(f"loader.workers must be 0 (augment in the main process) or more, got {workers}")
+    return AlbumentationsLoader(context, batch_size=batch_size, eval_batch_size=eval_batch_size, workers=workers,
+                                augment=augment, drop_last=drop_last, prefetch_factor=prefetch_factor)
+
+
+@microtrain.hookimpl
+def register_components(registry):
+    registry.loader("albumentations", build_albumentations_loader)

@@ -1,0 +1,102 @@
+"""Optimizers (sgd, adamw) and learning-rate schedules (onecycle, cosine, step, constant).
+
+Schedules are stepped after every batch, so their lengths are in steps; the engine passes the
+run's total steps and steps per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import microtrain
+from microtrain.errors import RecipeError
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """With ``decay_norm_and_bias`` false, biases and normalisation weights (1-d tensors) get no decay."""
+    if decay_norm_and_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_sgd(model: nn.Module, *, lr: float = 0.05, momentum: float = 0.9, nesterov: bool = True,
+              weight_decay: float = 5e-4, decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
+    """SGD with momentum (Nesterov by default) and weight decay."""
+    if nesterov and momentum <= 0:
+        raise RecipeError("optimizer.nesterov=true needs optimizer.momentum > 0")
+    return torch.optim.SGD(parameter_groups(model, weight_decay, decay_norm_and_bias), lr=lr, momentum=momentum,
+                           nesterov=nesterov)
+
+
+def build_adamw(model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                weight_decay: float = 0.05, eps: float = 1e-8, decay_norm_and_bias: bool = False) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay)."""
+    return torch.optim.AdamW(parameter_groups(model, weight_decay, decay_norm_and_bias), lr=lr, betas=tuple(betas),
+                             eps=eps)
+
+
+def build_onecycle(optimizer, total_steps: int, steps_per_epoch: int, *, max_lr: float = 0.1, pct_start: float = 0.25,
+                   div_factor: float = 25.0, final_div_factor: float = 1e4, anneal: str = "cos",
+                   three_phase: bool = False):
+    """OneCycle: warm up to max_lr over pct_start of the run, then anneal to max_lr/(div*final_div)."""
+    if anneal not in ("cos", "linear"):
+        raise RecipeError(f"schedule.anneal: '{anneal}' is not cos or linear")
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
+                                               div_factor=div_factor, final_div_factor=final_div_factor,
+                                               anneal_strategy=anneal, three_phase=three_phase)
+
+
+def _lambda_schedule(optimizer, factor_of_step):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor_of_step)
+
+
+def build_cosine(optimizer, total_steps: int, steps_per_epoch: int, *, warmup_epochs: float = 0.0,
+                 min_lr_ratio: float = 0.0):
+    """Linear warm-up (optional), then cosine decay of the optimizer's lr to lr * min_lr_ratio."""
+    warmup = int(warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return _lambda_schedule(optimizer, factor)
+
+
+def build_step(optimizer, total_steps: int, steps_per_epoch: int, *, step_epochs: int = 15, gamma: float = 0.1,
+               warmup_epochs: float = 0.0):
+    """Multiply the lr by gamma every step_epochs epochs (after an optional linear warm-up)."""
+    if step_epochs < 1:
+        raise RecipeError("schedule.step_epochs must be at least 1")
+    warmup = int(warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return gamma ** (step // (step_epochs * steps_per_epoch))
+
+    return _lambda_schedule(optimizer, factor)
+
+
+def build_constant(optimizer, total_steps: int, steps_per_epoch: int, *, warmup_epochs: float = 0.0):
+    """The optimizer's lr throughout (after an optional linear warm-up)."""
+    warmup = int(warmup_epochs * steps_per_epoch)
+    return _lambda_schedule(optimizer, lambda step: (step + 1) / warmup if step < warmup else 1.0)
+
+
+@microtrain.hookimpl
+def register_components(registry):
+    registry.optimizer("sgd", build_sgd)
+    registry.optimizer("adamw", build_adamw)
+    registry.schedule("onecycle", build_onecycle)
+    registry.schedule("cosine", build_cosine)
+    registry.schedule("step", build_step)
+    registry.schedule("constant", build_constant)

@@ -1,0 +1,81 @@
+"""Callback ``summary``: at the end of a run, a table of per-class accuracy (beside a reference,
+such as the seed document's figures, when the recipe gives one), best and last-5-mean test
+accuracy, and wall time; also written to ``<run dir>/summary.json``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import microtrain
+
+
+def summarize(history: list[dict], wall_seconds: float | None = None, last: int = 5) -> dict:
+    """The figures a person reports for a run, from its per-epoch metrics."""
+    tail = history[-last:]
+    final = history[-1]
+    return {
+        "epochs": len(history),
+        "best_test_acc": max(row["test_acc"] for row in history),
+        "best_epoch": max(history, key=lambda row: row["test_acc"])["epoch"],
+        f"last{last}_mean_test_acc": statistics.fmean(row["test_acc"] for row in tail),
+        "final_test_acc": final["test_acc"],
+        "final_per_class_acc": final.get("per_class_acc", {}),
+        "mean_epoch_seconds": statistics.fmean(row["epoch_seconds"] for row in history),
+        "mean_train_images_per_second": statistics.fmean(row["train_images_per_second"] for row in history),
+        "wall_seconds": wall_seconds,
+    }
+
+
+class Summary:
+    def __init__(self, *, reference: dict | None = None, reference_name: str = "reference", last: int = 5):
+        self.reference = reference or {}
+        self.reference_name = reference_name
+        self.last = last
+
+    @microtrain.hookimpl
+    def before_fit(self, state):
+        self.start = time.perf_counter()
+
+    @microtrain.hookimpl
+    def after_fit(self, state):
+        if not state.is_main or not state.history:
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        summary = summarize(state.history, time.perf_counter() - self.start, self.last)
+        summary["resumed_from_epoch"] = state.start_epoch - 1 if state.start_epoch > 1 else None
+        (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        table = Table(title=f"{state.recipe['name']}: per-class test accuracy after epoch {state.history[-1]['epoch']}",
+                      title_justify="left")
+        table.add_column("class")
+        table.add_column("accuracy %", justify="right")
+        if self.reference:
+            table.add_column(f"{self.reference_name} %", justify="right")
+        for name, acc in summary["final_per_class_acc"].items():
+            row = [name, f"{acc:.1f}"]
+            if self.reference:
+                ref = self.reference.get(name)
+                row.append("-" if ref is None else f"{ref:g}")
+            table.add_row(*row)
+        console = Console()
+        console.print(table)
+        key = f"last{self.last}_mean_test_acc"
+        console.print(
+            f"test accuracy: final {summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}% (epoch "
+            f"{summary['best_epoch']}), mean of last {min(self.last, len(state.history))} epochs {summary[key]:.2f}%; "
+            f"wall time {summary['wall_seconds'] / 60:.1f} min, {summary['mean_train_images_per_second']:.0f} train img/s",
+            highlight=False,
+        )
+
+
+def build_summary(*, reference: dict | None = None, reference_name: str = "reference", last: int = 5) -> Summary:
+    """End-of-run table: per-class accuracy, best and last-N mean accuracy, wall time (summary.json)."""
+    return Summary(reference=reference, reference_name=reference_name, last=last)
+
+
+@microtrain.hookimpl
+def register_components(registry):
+    registry.callback("summary", build_summary)
