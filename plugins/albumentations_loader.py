@@ -51,6 +51,7 @@ def build_transforms(entries: list[Any], where: str = "loader.augment"):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
+                warnings.filterwarnings("ignore", message=".*special case of Affine.*")  # ShiftScaleRotate works as Affine
                 transforms.append(cls(**args))
         except Exception as exc:  # pydantic ValidationError, UserWarning turned error, TypeError
             first = str(exc).strip().splitlines()
