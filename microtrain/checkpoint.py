@@ -1,7 +1,11 @@
 """Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` only.
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts:
-    format, epoch, step, model, optimizer, scheduler, grad_scaler, history, rng, recipe_hash, plugins
+    format, epoch, batch_index, epoch_totals, step, model, optimizer, scheduler, grad_scaler, history, rng,
+    recipe_hash, classes, plugins
+``epoch`` is the last finished epoch. A mid-epoch checkpoint also has ``batch_index`` > 0 (batches of the
+next epoch already trained) and ``epoch_totals`` (their loss and accuracy sums), so a resumed run starts at
+the next batch and logs the same figures as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -72,9 +76,12 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # full disk, lost permissions: one line, the old file is untouched
+            raise CheckpointError(f"cannot write '{path}' ({exc.strerror or exc}); free space in or fix the permissions "
+                                  f"of '{path.parent}' (the previous file there is kept)") from None
         raise
 
 
@@ -96,14 +103,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def make_checkpoint(state, pm) -> dict[str, Any]:
-    """Assemble the checkpoint of ``state`` at the end of ``state.epoch``."""
+def make_checkpoint(state, pm, mid_epoch: bool = False) -> dict[str, Any]:
+    """Assemble the checkpoint of ``state`` at the end of ``state.epoch``, or with ``mid_epoch`` after its
+    step ``state.batch_index`` (call it then after the step's ``after_batch`` hooks, before the next batch)."""
     from microtrain.plugin_manager import call_hook
 
     scaler = state.extras.get("grad_scaler")
+    totals = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.epoch_totals.items()}
     checkpoint = {
         "format": FORMAT,
-        "epoch": state.epoch,
+        "epoch": state.epoch - 1 if mid_epoch else state.epoch,
+        "batch_index": state.batch_index if mid_epoch else 0,
+        "epoch_totals": totals if mid_epoch else {},
         "step": state.step,
         "model": state.unwrapped_model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -120,7 +131,9 @@ def make_checkpoint(state, pm) -> dict[str, Any]:
 
 
 def restore_checkpoint(state, checkpoint: dict[str, Any], pm) -> None:
-    """Put a checkpoint back into ``state`` so the next epoch is ``checkpoint['epoch'] + 1``."""
+    """Put a checkpoint back into ``state`` so the next epoch is ``checkpoint['epoch'] + 1``, from its batch
+    ``checkpoint['batch_index'] + 1``. The RNG states are restored last: nothing may draw from them before the
+    next training step (loaders use their own generators)."""
     from microtrain.plugin_manager import call_hook
 
     try:
@@ -136,5 +149,11 @@ def restore_checkpoint(state, checkpoint: dict[str, Any], pm) -> None:
     state.epoch = int(checkpoint["epoch"])
     state.start_epoch = state.epoch + 1
     state.step = int(checkpoint["step"])
-    set_rng_state(checkpoint["rng"])
+    state.start_batch = int(checkpoint.get("batch_index", 0))
+    if state.start_batch > state.steps_per_epoch:
+        raise CheckpointError(f"the checkpoint stopped at batch {state.start_batch} of epoch {state.start_epoch}, but "
+                              f"an epoch of this recipe has {state.steps_per_epoch}; resume with the loader settings it ran with")
+    state.epoch_totals = {k: v.to(state.device) if isinstance(v, torch.Tensor) else v
+                          for k, v in checkpoint.get("epoch_totals", {}).items()}
     call_hook(pm, "on_checkpoint_load", state=state, checkpoint=checkpoint)
+    set_rng_state(checkpoint["rng"])

@@ -25,7 +25,7 @@ def _parser(pm) -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path to a recipe .yaml")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any recipe field by its dotted path")
     run.add_argument("--run-dir", type=Path, help="output folder (default runs/<name>/<timestamp>)")
-    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (or from the checkpoint file RUN_DIR/checkpoints/X.pt)")
     run.add_argument("--force", action="store_true", help="with --resume: accept a recipe that differs from the saved one")
     run.set_defaults(handler=_cmd_run)
 
@@ -37,6 +37,7 @@ def _parser(pm) -> argparse.ArgumentParser:
     insp.add_argument("recipe")
     insp.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     insp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    insp.add_argument("--all", action="store_true", help="one row per leaf module (activations and norms too)")
     insp.set_defaults(handler=_cmd_inspect)
 
     if pm is not None:
@@ -47,6 +48,8 @@ def _parser(pm) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from microtrain.plugin_manager import create_plugin_manager
 
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # recipe-named plugin modules next to the recipe, as with `python -m`
     try:
         pm, _ = create_plugin_manager()
         args = _parser(pm).parse_args(argv)
@@ -129,7 +132,7 @@ def _cmd_inspect(args) -> int:
     num_classes, image_shape = _data_shape(data_component, recipe)
     torch.manual_seed(0)
     model = registry.get("model", model_cfg.pop("name"), "model.name").build(num_classes, image_shape, options=model_cfg)
-    rows, totals = layer_table(model, image_shape)
+    rows, totals = layer_table(model, image_shape, expand=args.all)
     if args.json:
         print(json.dumps(as_json(rows, totals), indent=2))
         return 0

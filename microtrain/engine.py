@@ -131,6 +131,15 @@ def enable_plugins(recipe: dict[str, Any], pm: pluggy.PluginManager, registry: R
             register_module(pm, entry)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal (Ctrl-C, SIGTERM), raised where the state is consistent: after a training
+    step (``mid_epoch``: a checkpoint resumes at the next batch) or after an epoch's hooks."""
+
+    def __init__(self, signum: int, mid_epoch: bool):
+        super().__init__(f"signal {signum}")
+        self.signum, self.mid_epoch = signum, mid_epoch
+
+
 class Engine:
     """Runs the loop over a built ``State`` and calls the hooks of ``pm``."""
 
@@ -146,6 +155,7 @@ class Engine:
         self.label_smoothing = recipe["label_smoothing"]
         self.grad_clip = recipe["grad_clip"]
         self.channels_last = recipe["channels_last"]
+        self.stop_signal: int | None = None
 
     def hook(self, name: str, **kwargs: Any) -> Any:
         return call_hook(self.pm, name, state=self.state, **kwargs)
@@ -155,12 +165,24 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.state.device.type, dtype=self.autocast_dtype)
 
+    def request_stop(self, signum: int) -> None:
+        """Ask the loop to stop at the next point a checkpoint can capture (a signal handler calls this)."""
+        self.stop_signal = signum
+
+    def _stop_if_requested(self, mid_epoch: bool) -> None:
+        if self.stop_signal is not None:
+            raise Interrupted(self.stop_signal, mid_epoch)
+
     def fit(self) -> State:
         state = self.state
         self.hook("before_fit")
         for epoch in range(state.start_epoch, state.epochs + 1):
             state.epoch = epoch
-            state.train_loader.set_epoch(epoch)
+            state.batch_index, state.start_batch = state.start_batch, 0  # non-zero only after a mid-epoch resume
+            if state.batch_index:
+                state.train_loader.set_epoch(epoch, state.batch_index)
+            else:
+                state.train_loader.set_epoch(epoch)
             self.hook("before_epoch")
             train_metrics = self.train_epoch()
             state.metrics = {"epoch": epoch, **train_metrics}
@@ -169,30 +191,36 @@ class Engine:
             self.hook("on_eval")
             state.history.append(state.metrics)
             self.hook("after_epoch")
-            if state.stop_training or distributed.any_rank_true(state.stop_training, state.device):
+            self._stop_if_requested(mid_epoch=False)
+            if distributed.any_rank_true(state.stop_training, state.device):  # every rank joins the vote
                 break
         state.status = "completed"
         self.hook("after_fit")
         return state
 
     def train_epoch(self) -> dict[str, Any]:
+        """Train from batch ``state.batch_index`` to the end of the epoch. After a mid-epoch resume that index is
+        non-zero and ``state.epoch_totals`` holds the restored sums of the batches before it, so the epoch's
+        figures equal those of an uninterrupted run."""
         state = self.state
         model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
         model.train()
         device = state.device
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
-        lr = optimizer.param_groups[0]["lr"]
+        if state.batch_index == 0:
+            state.epoch_totals = {"loss_sum": torch.zeros((), device=device, dtype=torch.float64),
+                                  "correct": torch.zeros((), device=device, dtype=torch.int64), "seen": 0,
+                                  "lr": optimizer.param_groups[0]["lr"]}
+        totals = state.epoch_totals
+        loss_sum, correct = totals["loss_sum"], totals["correct"]  # updated in place: checkpoints read them
+        seen_before = totals["seen"]
         start = time.perf_counter()
-        state.batch_index = 0
         for images, labels in state.train_loader:
             state.batch_index += 1
             state.step += 1
             state.batch = (images, labels)
             self.hook("before_batch")
             images, labels = state.batch
-            lr = optimizer.param_groups[0]["lr"]
+            totals["lr"] = optimizer.param_groups[0]["lr"]
             with self.autocast():
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -210,28 +238,30 @@ class Engine:
             self.scaler.update()
             scheduler.step()
             batch = labels.shape[0]
-            seen += batch
+            totals["seen"] += batch
             loss_sum += loss.detach() * batch
             if labels.dim() == 1:
                 correct += (logits.detach().argmax(1) == labels).sum()
             state.loss = loss.detach()
             self.hook("after_batch")
+            self._stop_if_requested(mid_epoch=True)
         seconds = time.perf_counter() - start
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
-                                                                                                  dtype=torch.float64)]))
-        loss_total, correct_total, seen_total = totals.tolist()
+        counts = torch.tensor([totals["seen"], totals["seen"] - seen_before], device=device, dtype=torch.float64)
+        totals_all = distributed.all_reduce_sum(torch.cat([torch.stack([loss_sum, correct.double()]), counts]))
+        loss_total, correct_total, seen_total, trained_now = totals_all.tolist()
         return {
-            "lr": lr,
+            "lr": totals["lr"],
             "train_loss": loss_total / max(seen_total, 1),
             "train_acc": 100.0 * correct_total / max(seen_total, 1),
             "epoch_seconds": seconds,
-            "train_images_per_second": seen_total / seconds if seconds > 0 else math.nan,
+            "train_images_per_second": trained_now / seconds if seconds > 0 else math.nan,
         }
 
     @torch.inference_mode()
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
         """Loss, accuracy, per-class accuracy and confusion matrix on the test split (all ranks)."""
         state = self.state
+        distributed.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one it checkpoints
         classes = state.data.classes
         num_classes = len(classes)
         device = state.device

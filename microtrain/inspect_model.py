@@ -28,8 +28,25 @@ def _pair(value) -> int:
     return value[0] if isinstance(value, (tuple, list)) else int(value)
 
 
-def layer_table(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[list[LayerRow], dict]:
-    """Run one image through ``model`` and describe every leaf layer in execution order."""
+SHORT_NAMES = {"ReLU": "relu", "BatchNorm2d": "bn", "Dropout2d": "drop", "Dropout": "drop", "Identity": "", "GELU": "gelu",
+               "SiLU": "silu", "GroupNorm": "gn", "LayerNorm": "ln"}
+ANCHORS = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _describe(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        k, s, d = _pair(module.kernel_size), _pair(module.stride), _pair(module.dilation)
+        extra = "".join([f" s{s}" if s != 1 else "", f" d{d}" if d != 1 else "",
+                         f" g{module.groups}" if module.groups != 1 else ""])
+        return f"Conv {k}x{k}{extra}"
+    return type(module).__name__
+
+
+def layer_table(model: nn.Module, image_shape: tuple[int, int, int], expand: bool = False) -> tuple[list[LayerRow], dict]:
+    """Run one image through ``model`` and describe its layers in execution order.
+
+    Convolutions, pooling and linear layers get a row each; the activations, norms and dropout
+    that follow them are folded into that row unless ``expand``."""
     rows: list[LayerRow] = []
     rf, jump = 1, 1
     input_size = image_shape[1]
@@ -48,7 +65,16 @@ def layer_table(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[li
                 rf = max(rf, input_size)
             shape = list(output.shape[1:]) if isinstance(output, torch.Tensor) else []
             params = sum(p.numel() for p in module.parameters(recurse=False))
-            rows.append(LayerRow(name, type(module).__name__, shape, params, rf, jump))
+            if not expand and rows and not isinstance(module, ANCHORS):
+                # Activations, norms and dropout join the row of the layer they follow.
+                last = rows[-1]
+                short = SHORT_NAMES.get(type(module).__name__, type(module).__name__)
+                if short:
+                    last.kind += f", {short}"
+                last.params += params
+                last.output_shape = shape
+                return
+            rows.append(LayerRow(name, _describe(module), shape, params, rf, jump))
 
         return hook
 

@@ -73,7 +73,9 @@ def parse_recipe_text(text: str, source: str = "<recipe>") -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{where}: malformed YAML: {problem}; fix the syntax at that line") from None
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        started = f" ({context} started at line {start.line + 1})" if context and start and mark and start.line != mark.line else ""
+        raise RecipeError(f"{where}: malformed YAML: {problem}{started}; fix the syntax there") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -183,7 +185,7 @@ def _check_plugin_entry(entry: Any, registry: Registry, index: int) -> Any:
         raise RecipeError(f"{where}: expected a callback name or a module path, got {entry!r}")
     if registry.has("callback", entry):
         return entry
-    if "." not in entry and not _module_exists(entry):
+    if "." not in entry and not module_exists(entry):
         raise RecipeError(
             f"{where}: '{entry}' is neither a callback{did_you_mean(entry, registry.names('callback'))} nor an importable "
             f"module; callbacks: {', '.join(registry.names('callback'))}"
@@ -191,7 +193,7 @@ def _check_plugin_entry(entry: Any, registry: Registry, index: int) -> Any:
     return entry
 
 
-def _module_exists(name: str) -> bool:
+def module_exists(name: str) -> bool:
     import importlib.util
 
     try:

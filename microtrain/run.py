@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -15,11 +16,11 @@ from typing import Any
 import yaml
 
 from microtrain import distributed
-from microtrain.checkpoint import load_checkpoint, restore_checkpoint
+from microtrain.checkpoint import CheckpointError, load_checkpoint, restore_checkpoint
 from microtrain.engine import Engine, build_state, enable_plugins
-from microtrain.errors import MicrotrainError, RecipeError
-from microtrain.plugin_manager import create_plugin_manager
-from microtrain.recipe import apply_overrides, dump_recipe, load_recipe_file, resolve_recipe
+from microtrain.errors import MicrotrainError, PluginError, RecipeError
+from microtrain.plugin_manager import PluginHookError, create_plugin_manager
+from microtrain.recipe import apply_overrides, dump_recipe, load_recipe_file, module_exists, resolve_recipe
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 
@@ -30,7 +31,8 @@ def prepare_recipe(recipe_path: str | Path, overrides: list[str]):
     overridden, from_cli = apply_overrides(raw, overrides)
     pm, registry = create_plugin_manager()
     plugins = overridden.get("plugins") or []
-    modules = [p for p in plugins if isinstance(p, str) and not registry.has("callback", p)] if isinstance(plugins, list) else []
+    modules = [p for p in plugins if isinstance(p, str) and not registry.has("callback", p) and ("." in p or module_exists(p))] \
+        if isinstance(plugins, list) else []
     if modules:
         pm, registry = create_plugin_manager(modules)
     recipe = resolve_recipe(overridden, registry, from_cli, raw)
@@ -81,11 +83,34 @@ def _shared_run_dir(run_dir: Path | None, recipe: dict[str, Any]) -> Path:
 
 
 class _Signalled(KeyboardInterrupt):
-    """SIGTERM, turned into the same path as Ctrl-C."""
+    """A second Ctrl-C/SIGTERM, or one in a distributed run: stop at once, abandoning the step in progress."""
 
 
-def _raise_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise _Signalled(f"signal {signum}")
+def _signal_handler(engine: Engine):
+    """First Ctrl-C/SIGTERM: the engine stops after the step in progress, where a checkpoint captures the exact
+    position. A second one abandons the step. Distributed runs stop at once: ranks may be at different steps."""
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        if engine.stop_signal is None and not distributed.is_active():
+            engine.request_stop(signum)
+            os.write(2, f"\nmicrotrain: {signal.Signals(signum).name} received: stopping after the current step to save "
+                        "a checkpoint (send it again to stop at once)\n".encode())  # no print: not reentrant
+            return
+        raise _Signalled(f"signal {signum}")
+
+    return handler
+
+
+def _load_for_resume(path: Path, command: str) -> dict[str, Any]:
+    """The checkpoint to resume from; when it is damaged, the line says which other one to resume from."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        other = next((p for p in (path.with_name("previous.pt"), path.with_name("best.pt")) if p.is_file() and p != path),
+                     None)
+        if other is None:
+            raise
+        raise CheckpointError(f"{exc}; an older one is kept: {command} --resume {shlex.quote(str(other))}") from None
 
 
 def run(recipe_path: str | Path, overrides: list[str], run_dir: Path | None = None,
@@ -93,16 +118,26 @@ def run(recipe_path: str | Path, overrides: list[str], run_dir: Path | None = No
     """Train one recipe. Returns the process exit status."""
     recipe, pm, registry = prepare_recipe(recipe_path, overrides)
     distributed.init(recipe["device"])
+    command = " ".join(["microtrain run", *map(shlex.quote, [str(recipe_path), *overrides])])
     try:
-        return _run(recipe, pm, registry, run_dir, resume, force)
+        return _run(recipe, pm, registry, run_dir, resume, force, command)
+    except MicrotrainError as error:
+        distributed.tag_error(error)  # "rank R of N: ..." when distributed
+        raise
+    except RuntimeError as error:  # a collective outside the training loop failed: another rank is gone
+        if not (distributed.is_active() and distributed.is_communication_error(error)):
+            raise
+        raise distributed.tag_error(MicrotrainError(distributed.failure_message(error))) from error
     finally:
         distributed.shutdown()
 
 
-def _run(recipe, pm, registry, run_dir, resume, force) -> int:
+def _run(recipe, pm, registry, run_dir, resume, force, command: str) -> int:
+    """``command`` is the command line (without --run-dir/--resume) that a resume repeats."""
     checkpoint = None
     if resume is not None:
-        run_dir = Path(resume)
+        resume = Path(resume)
+        run_dir = resume.parent.parent if resume.is_file() else resume  # RUN_DIR or RUN_DIR/checkpoints/X.pt
         saved_path = run_dir / "recipe.yaml"
         if not saved_path.is_file():
             raise MicrotrainError(f"--resume: '{run_dir}' has no recipe.yaml; pass the run dir of an earlier run")
@@ -113,7 +148,11 @@ def _run(recipe, pm, registry, run_dir, resume, force) -> int:
                 f"--resume: the recipe differs from the one '{run_dir}' was started with in: {', '.join(changed)}; "
                 "use the same recipe and overrides, or add --force"
             )
-        checkpoint = load_checkpoint(run_dir / LAST_CHECKPOINT)
+        checkpoint_path = resume if resume.is_file() else run_dir / LAST_CHECKPOINT
+        if checkpoint_path.is_file():
+            checkpoint = _load_for_resume(checkpoint_path, command)
+        elif distributed.rank() == 0:  # killed before its first checkpoint: the same run from the start
+            print(f"microtrain: '{run_dir}' has no checkpoint yet; running it again from the start", file=sys.stderr)
     run_dir = _shared_run_dir(run_dir, recipe)
     is_main = distributed.rank() == 0
     if is_main:
@@ -122,19 +161,27 @@ def _run(recipe, pm, registry, run_dir, resume, force) -> int:
         write_status(run_dir, "running")
     distributed.barrier()
 
-    enable_plugins(recipe, pm, registry)
-    state = build_state(recipe, run_dir, pm, registry)
-    if checkpoint is not None:
-        restore_checkpoint(state, checkpoint, pm)
-    engine = Engine(state, pm)
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _in_main_thread() else None
+    try:
+        enable_plugins(recipe, pm, registry)
+        distributed.register_resume_guard(pm)
+        state = build_state(recipe, run_dir, pm, registry)
+        if checkpoint is not None:
+            restore_checkpoint(state, checkpoint, pm)
+        engine = Engine(state, pm)
+    except BaseException as error:  # nothing trained yet, but the run dir must not say "running"
+        if is_main:
+            interrupted = isinstance(error, KeyboardInterrupt)
+            write_status(run_dir, "interrupted" if interrupted else "failed",
+                         "interrupted" if interrupted else _one_line(distributed.failure_message(error)))
+        raise
+    signals = (signal.SIGINT, signal.SIGTERM) if _in_main_thread() else ()
+    previous = {signum: signal.signal(signum, _signal_handler(engine)) for signum in signals}
     try:
         engine.fit()
     except BaseException as error:
         interrupted = isinstance(error, KeyboardInterrupt)
         state.status = "interrupted" if interrupted else "failed"
-        message = "interrupted" if interrupted else (str(error) if isinstance(error, MicrotrainError) else
-                                                     f"{type(error).__name__}: {error}")
+        message = "interrupted" if interrupted else _one_line(distributed.failure_message(error))
         _call_on_error(pm, state, error)
         if is_main:
             with open(run_dir / "error.log", "a") as log:
@@ -142,18 +189,33 @@ def _run(recipe, pm, registry, run_dir, resume, force) -> int:
                 traceback.print_exception(error, file=log)
             write_status(run_dir, state.status, message)
         if interrupted:
-            print(f"microtrain: interrupted at epoch {state.epoch}; resume with: microtrain run RECIPE --resume {run_dir}",
-                  file=sys.stderr)
+            if is_main:
+                last = run_dir / LAST_CHECKPOINT
+                kept = f"last checkpoint: {last}" if last.is_file() else "no checkpoint was written (plugin 'checkpoint' is off)"
+                print(f"microtrain: interrupted at epoch {state.epoch}, step {state.batch_index} of {state.steps_per_epoch}; "
+                      f"{kept}; resume with: {command} --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
             return 130
-        if isinstance(error, MicrotrainError):
+        if isinstance(error, MicrotrainError) and not isinstance(error, PluginHookError):
             raise
-        raise MicrotrainError(f"{message} (traceback in {run_dir / 'error.log'})") from error
+        if is_main:
+            where = f" (traceback in {run_dir / 'error.log'})"
+        elif distributed.is_communication_error(error):
+            where = ""
+        else:  # only rank 0 writes error.log: this rank's traceback goes to its stderr
+            traceback.print_exception(error, file=sys.stderr)
+            where = " (traceback above)"
+        raise (PluginError if isinstance(error, PluginError) else MicrotrainError)(f"{message}{where}") from error
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if is_main:
         write_status(run_dir, state.status)
     return 0
+
+
+def _one_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[0] if lines else message
 
 
 def _in_main_thread() -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from microtrain.errors import MicrotrainError
+
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """The sample order of one epoch: a permutation that depends only on (seed, epoch)."""
@@ -20,17 +22,39 @@ def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 
 def batch_count(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
-    """Batches per rank per epoch. Equal on every rank (DDP needs that): sized by the largest shard."""
+    """Batches per rank per epoch, equal on every rank (DDP runs one collective per step).
+
+    drop_last: full batches only, counted on the smallest shard (``n // world_size``), so every
+    batch of every rank is full. Otherwise: counted on the largest shard, so every sample is used;
+    ``epoch_batches`` keeps a smaller shard's last batch from being empty."""
+    if drop_last:
+        return (n // world_size) // batch_size
+    if world_size > 1 and 0 < n < world_size:
+        raise MicrotrainError(f"a split of {n} samples cannot give each of {world_size} processes at least one; "
+                              "use fewer processes or more data")
+    if world_size > 1 and batch_size == 1 and n % world_size:
+        raise MicrotrainError(f"batches of 1 cannot spread {n} samples evenly over {world_size} processes "
+                              "(one would get an empty last batch); use a batch size of 2 or more, or drop_last: true")
     largest = -(-n // world_size)
-    return largest // batch_size if drop_last else -(-largest // batch_size)
+    return -(-largest // batch_size)
 
 
 def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool, drop_last: bool,
                   rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
-    """Index arrays of this rank's batches for one epoch (the last one may be smaller)."""
+    """Index arrays of this rank's batches for one epoch: the last one may be smaller, never empty.
+
+    Shards differ by at most one sample, so when the largest shard's last batch holds a single
+    sample a smaller shard's would hold none (an empty batch breaks BatchNorm and the loss, and
+    DDP then waits for that rank for ever). Such a rank moves the last sample of its previous
+    batch into the last one: every rank still runs the same number of steps, every step of every
+    rank has at least one sample, and every sample is used exactly once per epoch across ranks."""
     indices = shard(epoch_order(n, seed, epoch, shuffle), rank, world_size)
     count = batch_count(n, batch_size, drop_last, world_size)
-    return [indices[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+    batches = [indices[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+    if count >= 2 and len(batches[-1]) == 0:  # batch_count guarantees batch_size >= 2 here
+        batches[-1] = batches[-2][-1:]
+        batches[-2] = batches[-2][:-1]
+    return batches
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:

@@ -66,7 +66,7 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 
 
 @dataclass
@@ -87,8 +87,10 @@ class State:
     world_size: int = 1
     epoch: int = 0
     start_epoch: int = 1
+    start_batch: int = 0  # batches of start_epoch already trained: a mid-epoch checkpoint was restored
     step: int = 0
     batch_index: int = 0
+    epoch_totals: dict[str, Any] = field(default_factory=dict)  # running train sums of the epoch in progress
     steps_per_epoch: int = 0
     batch: tuple[torch.Tensor, torch.Tensor] | None = None
     loss: torch.Tensor | None = None
