@@ -157,9 +157,9 @@ def failure_message(error: BaseException) -> str:
     if isinstance(error, MicrotrainError):
         return str(error)
     if is_active() and is_communication_error(error):
-        return (f"lost contact with another rank, which failed or stopped responding within "
-                f"MICROTRAIN_DIST_TIMEOUT={timeout().total_seconds():g}s ({type(error).__name__}: {_first_line(error)}); "
-                "the failing rank's own error is printed above and named by torchrun as the root cause")
+        return (f"lost contact with another rank: it failed (its own error is printed by that rank and in torchrun's "
+                f"summary) or did not answer within MICROTRAIN_DIST_TIMEOUT={timeout().total_seconds():g}s "
+                f"({type(error).__name__}: {_first_line(error)}); resume with --resume RUN_DIR")
     return f"{type(error).__name__}: {error}"
 
 

@@ -89,7 +89,9 @@ def after_fit(state):
 
 @hookspec
 def on_checkpoint_save(state, checkpoint):
-    """Called while a checkpoint dict is being assembled. A plugin may add its own entry,
+    """Called while a checkpoint dict is being assembled: after ``after_epoch``, and mid-epoch after a step's
+    ``after_batch`` hooks (every N steps, or on Ctrl-C; then ``checkpoint["batch_index"]`` > 0 and a resume
+    continues at the next batch, so save what your plugin needs to continue from there). A plugin may add its own entry,
     ``checkpoint["plugins"][name] = {...}`` holding tensors, numbers, strings, lists and dicts
     only (checkpoints are loaded with ``weights_only=True``)."""
 

@@ -18,7 +18,7 @@ from microtrain.errors import RecipeError, did_you_mean
 
 COMPONENT_SECTIONS = {"model": "model", "data": "data", "loader": "loader", "optimizer": "optimizer", "schedule": "schedule"}
 
-DEFAULT_PLUGINS = ["progress", "metrics", "checkpoint", "summary"]
+DEFAULT_PLUGINS = ["progress", "metrics", "checkpoint", "summary", "report"]
 
 # Core fields: (type, default); a default of REQUIRED means the recipe must set it.
 REQUIRED = object()
@@ -76,6 +76,10 @@ def parse_recipe_text(text: str, source: str = "<recipe>") -> dict[str, Any]:
         context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
         started = f" ({context} started at line {start.line + 1})" if context and start and mark and start.line != mark.line else ""
         raise RecipeError(f"{where}: malformed YAML: {problem}{started}; fix the syntax there") from None
+    except Exception as exc:  # PyYAML's constructors raise others on values they cannot build (2001-02-30, !!bool x)
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RecipeError(f"{source}: malformed YAML: a value cannot be read ({type(exc).__name__}: {detail}); "
+                          "fix or quote that value") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -96,8 +100,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"override '{text}' has an empty key; write it as key.path=value, e.g. loader.batch_size=256")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw  # not valid YAML: take it as text
+    except Exception:  # not valid YAML (or a value PyYAML cannot build, like 2001-02-30): take it as text
+        value = raw
     return parts, value
 
 
@@ -145,6 +149,10 @@ def resolve_recipe(raw: dict[str, Any], registry: Registry, from_cli: dict[str, 
             raise RecipeError(f"recipe field '{key}' is missing: {FIELD_HELP[key]}; add '{key}: ...' to the recipe")
         else:
             resolved[key] = copy.deepcopy(default)
+    name = resolved["name"]
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise RecipeError(f"name: {name!r} cannot be a folder name (run dirs go to runs/<name>/); use letters, digits, "
+                          "'-' and '_'")
     if resolved["epochs"] < 1:
         raise RecipeError(f"epochs: must be at least 1, got {resolved['epochs']}")
     for section, kind in COMPONENT_SECTIONS.items():

@@ -111,6 +111,9 @@ class AlbumentationsLoader:
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=prefetch_factor if workers > 0 else None,
+            # Its own generator: an iterator draws a base seed, which from torch's global RNG would shift dropout's
+            # random stream by one draw per new iterator and break exact mid-epoch resume.
+            generator=torch.Generator().manual_seed(context.seed),
         )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

@@ -10,6 +10,7 @@ SHA-256.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -66,13 +67,17 @@ def download(url: str, md5: str, root: Path) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create data folder '{root}' ({exc.strerror}); set data.root or MICROTRAIN_DATA to a writable folder") from None
+        raise DataError(f"cannot create data folder '{root}' ({exc.strerror}); set data.root or MICROTRAIN_DATA to a "
+                        "writable folder") from None
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         archive = Path(tmp) / "cifar-10-binary.tar.gz"
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
                 shutil.copyfileobj(response, out, 1 << 20)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+                announced = response.headers.get("Content-Length")
+            if announced and announced.isdigit() and archive.stat().st_size != int(announced):
+                raise OSError(f"the connection closed after {archive.stat().st_size} of {announced} bytes")
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # HTTPException: cut short
             reason = getattr(exc, "reason", exc)
             raise DataError(
                 f"CIFAR-10 not found in '{root}' (looked for {root / FOLDER}) and downloading {url} failed ({reason}); "
@@ -89,9 +94,7 @@ def download(url: str, md5: str, root: Path) -> Path:
         if source is None:
             raise DataError(f"the archive from {url} does not hold {FOLDER}/ with the 6 batch files")
         target = root / FOLDER
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(source), target)
+        shutil.move(str(source), target)  # build_cifar10 made sure nothing is there
     return target
 
 
@@ -111,7 +114,8 @@ def read_batches(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     for path in paths:
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size == 0 or raw.size % RECORD:
-            raise DataError(f"{path} is truncated or not a CIFAR-10 binary batch ({raw.size} bytes is not a multiple of {RECORD})")
+            raise DataError(f"{path} is truncated or not a CIFAR-10 binary batch ({raw.size} bytes is not a multiple of "
+                            f"{RECORD})")
         parts.append(raw.reshape(-1, RECORD))
     records = np.concatenate(parts)
     labels = records[:, 0].astype(np.int64)
@@ -137,6 +141,11 @@ def build_cifar10(*, root: str | None = None, download_missing: bool = True, ver
     base = Path(root).expanduser() if root else default_root()
     folder = find_folder(base)
     if folder is None:
+        partial = base / FOLDER
+        if partial.exists():  # never delete what someone put there
+            missing = [name for name in [*TRAIN_FILES, TEST_FILE] if not (partial / name).is_file()]
+            raise DataError(f"'{partial}' is incomplete (missing {', '.join(missing)}); add those files, or delete the "
+                            "folder to download CIFAR-10 again")
         if not download_missing:
             raise DataError(
                 f"CIFAR-10 not found: looked for {base / FOLDER} with data_batch_1..5.bin and test_batch.bin; "

@@ -48,6 +48,14 @@ def build_onecycle(optimizer, total_steps: int, steps_per_epoch: int, *, max_lr:
     """OneCycle: warm up to max_lr over pct_start of the run, then anneal to max_lr/(div*final_div)."""
     if anneal not in ("cos", "linear"):
         raise RecipeError(f"schedule.anneal: '{anneal}' is not cos or linear")
+    if not 0.0 < pct_start < 1.0:
+        raise RecipeError(f"schedule.pct_start must be between 0 and 1, got {pct_start}")
+    if total_steps < 4:
+        raise RecipeError(f"schedule onecycle needs at least 4 steps in the run, this one has {total_steps}; "
+                          "train more epochs, lower loader.batch_size, or use schedule.name=constant")
+    # Very short runs (tests, smoke checks): keep at least one step in each phase.
+    phases = 3 if three_phase else 2
+    pct_start = min(max(pct_start, phases / total_steps), 1.0 - phases / total_steps)
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
                                                div_factor=div_factor, final_div_factor=final_div_factor,
                                                anneal_strategy=anneal, three_phase=three_phase)

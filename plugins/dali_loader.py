@@ -1,0 +1,318 @@
+"""Loader ``dali``: an NVIDIA DALI pipeline with the recipe's augmentations on the GPU (or on the
+CPU, with ``device_id=None``, where there is no GPU or ``loader.device=cpu``).
+
+DALI has no CIFAR reader, so the dataset's uint8 images enter through ``fn.external_source`` one
+batch at a time, in the order ``microtrain.sampling.epoch_batches`` gives: the same samples in the
+same batches as every other loader. Every random number of a batch (coins, affine matrices, hole
+positions) is drawn here with NumPy from ``batch_seed(seed, epoch, batch, rank)`` and fed in beside
+the images, so the augmentation depends only on those four numbers: runs are reproducible and a
+resumed run continues exactly. DALI operators then do the pixel work, on the GPU after the
+transfer in GPU mode, and the batch reaches torch without a host round trip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+import microtrain
+from microtrain.errors import MicrotrainError, RecipeError
+from microtrain.sampling import batch_count, batch_seed, epoch_batches
+from microtrain.state import LoaderContext
+from plugins.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
+
+INSTALL_HINT = 'pip install -e ".[dali]"'
+
+
+def import_dali():
+    """Import DALI only when the loader is used, so the plugin registers on machines without it."""
+    try:
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+    except ImportError as exc:
+        raise MicrotrainError(
+            f"loader 'dali' needs NVIDIA DALI, which is not installed here ({exc}); install it with "
+            f"{INSTALL_HINT} (or pip install nvidia-dali-cuda120), or use loader.name=albumentations"
+        ) from None
+    return fn, types, pipeline_def, feed_ndarray, to_torch_type
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-batch random parameters, drawn with NumPy (pure functions, so they are testable without DALI).
+
+def affine_matrices(tx: np.ndarray, ty: np.ndarray, scale: np.ndarray, angle: np.ndarray,
+                    height: int, width: int) -> np.ndarray:
+    """Destination-to-source matrices ``(B, 2, 3)`` in DALI's pixel coordinates (corner at 0).
+
+    The forward transform is albumentations' Affine: scale, then rotate by ``angle`` degrees
+    (positive = counter-clockwise on screen) about the image centre, then translate by whole
+    pixels ``(tx, ty)``. DALI wants the inverse map: src = c + R(-a)/s (dst - c - t)."""
+    rad = np.deg2rad(angle % 360.0)
+    cos, sin = np.cos(rad) / scale, np.sin(rad) / scale
+    cx, cy = width / 2.0, height / 2.0  # albumentations' centre (w/2 - 0.5 at pixel centres) in DALI coordinates
+    m = np.empty((len(tx), 2, 3), dtype=np.float32)
+    m[:, 0, 0], m[:, 0, 1] = cos, -sin
+    m[:, 1, 0], m[:, 1, 1] = sin, cos
+    ux, uy = cx + tx, cy + ty
+    m[:, 0, 2] = cx - (cos * ux - sin * uy)
+    m[:, 1, 2] = cy - (sin * ux + cos * uy)
+    return m
+
+
+def hole_sizes(spec: DropoutSpec, count: tuple[int, ...], height: int, width: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Hole heights and widths the way albumentations' CoarseDropout reads its ranges: pixels when
+    the upper height bound is at least 1 (clipped to the image), otherwise fractions of the side."""
+    if spec.height[1] >= 1:
+        lo_h, hi_h = min(int(spec.height[0]), height), min(int(spec.height[1]), height)
+        lo_w, hi_w = min(int(spec.width[0]), width), min(int(spec.width[1]), width)
+        return rng.integers(lo_h, hi_h + 1, size=count), rng.integers(lo_w, hi_w + 1, size=count)
+    return ((height * rng.uniform(*spec.height, size=count)).astype(np.int64),
+            (width * rng.uniform(*spec.width, size=count)).astype(np.int64))
+
+
+def draw_params(specs: list[Spec], size: int, height: int, width: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The random inputs of one batch of ``size`` images, spec by spec, in a fixed draw order.
+
+    Flip: int32 coins (``horizontal``). Affine: bool coins, float32 matrices. Dropout: float32
+    anchors and shapes ``(y, x, ...)`` of ``max holes`` regions (unused ones have size 0).
+    Gray: bool coins."""
+    params: list[np.ndarray] = []
+    for spec in specs:
+        coin = rng.random(size) < spec.p
+        if isinstance(spec, Flip):
+            params.append(coin.astype(np.int32))
+        elif isinstance(spec, AffineSpec):
+            tx = np.trunc(rng.uniform(*spec.translate_x, size=size) * width)  # albumentations: int(t * width)
+            ty = np.trunc(rng.uniform(*spec.translate_y, size=size) * height)
+            scale = rng.uniform(*spec.scale, size=size)
+            angle = rng.uniform(*spec.rotate, size=size)
+            params += [coin, affine_matrices(tx, ty, scale, angle, height, width)]
+        elif isinstance(spec, DropoutSpec):
+            most = max(int(spec.holes[1]), 1)
+            holes = rng.integers(int(spec.holes[0]), int(spec.holes[1]) + 1, size=size)
+            h, w = hole_sizes(spec, (size, most), height, width, rng)
+            y = rng.integers(0, height - h + 1)
+            x = rng.integers(0, width - w + 1)
+            used = coin[:, None] & (np.arange(most)[None, :] < holes[:, None])
+            h, w = np.where(used, h, 0), np.where(used, w, 0)
+            params += [np.stack([y, x], axis=2).reshape(size, 2 * most).astype(np.float32),
+                       np.stack([h, w], axis=2).reshape(size, 2 * most).astype(np.float32)]
+        elif isinstance(spec, GraySpec):
+            params.append(coin)
+    return params
+
+
+def params_count(spec: Spec) -> int:
+    return 2 if isinstance(spec, (AffineSpec, DropoutSpec)) else 1
+
+
+def pixel_fill(fill: tuple[float, ...], channels: int, what: str, whole) -> list[float]:
+    """A fill value per channel in 0..255, made whole as albumentations does (``whole``: np.rint for
+    cv2's border value, np.trunc for CoarseDropout's uint8 cast)."""
+    values = list(fill)
+    if len(set(values)) == 1:
+        values = values[:1] * channels
+    if len(values) != channels:
+        raise RecipeError(f"loader.augment: {what} fill has {len(values)} values but the images have {channels} channels; "
+                          f"give one value or {channels}")
+    return [float(whole(min(max(v, 0.0), 255.0))) for v in values]
+
+
+# ---------------------------------------------------------------------------------------------
+
+class DaliLoader:
+    """Batches of (normalised float NCHW images, int64 labels) on ``context.device``, made by DALI."""
+
+    def __init__(self, context: LoaderContext, *, batch_size: int, eval_batch_size: int, augment: list[Any],
+                 drop_last: bool, device: str, threads: int, prefetch: int):
+        self.fn, self.types, self.pipeline_def, self.feed_ndarray, self.torch_type = import_dali()
+        self.context = context
+        self.train = context.train
+        self.batch_size = batch_size if self.train else eval_batch_size
+        self.drop_last = drop_last and self.train
+        self.specs = canonical_transforms(augment, "dali") if self.train and augment else []
+        self.gpu = pick_mode(device, context.device)
+        self.threads = threads
+        self.prefetch = prefetch
+        _, self.height, self.width, self.channels = context.images.shape
+        if any(isinstance(s, GraySpec) for s in self.specs) and self.channels != 3:
+            raise RecipeError(f"loader.augment: ToGray needs RGB images, these have {self.channels} channels; drop it")
+        self.fills = {i: pixel_fill(s.fill, self.channels, "Affine" if isinstance(s, AffineSpec) else "CoarseDropout",
+                                    np.rint if isinstance(s, AffineSpec) else np.trunc)
+                      for i, s in enumerate(self.specs) if isinstance(s, (AffineSpec, DropoutSpec))}
+        self.epoch = 1
+        self.start_batch = 0
+        self._batches: list[tuple[int, np.ndarray]] = []
+        self._pipe = self._build()
+        self._dirty = False  # True while the pipeline holds batches of an unfinished epoch
+
+    # -- the pipeline -------------------------------------------------------------------------
+    def _source(self, info) -> tuple[np.ndarray, ...]:
+        """external_source callback: DALI asks for iteration ``info.iteration`` of the current pass."""
+        if info.iteration >= len(self._batches):
+            raise StopIteration
+        number, indices = self._batches[info.iteration]
+        c = self.context
+        images = c.images[indices]
+        params: list[np.ndarray] = []
+        if self.specs:
+            rng = np.random.default_rng(batch_seed(c.seed, self.epoch, number, c.rank))
+            params = draw_params(self.specs, len(indices), self.height, self.width, rng)
+        return (images, c.labels[indices].astype(np.int64), *params)
+
+    def _build(self):
+        fn, types = self.fn, self.types
+        c = self.context
+        outputs = 2 + sum(params_count(s) for s in self.specs)
+        mean = [255.0 * m for m in c.mean]
+        std = [255.0 * s for s in c.std]
+        layout = "HWC" if c.channels_last else "CHW"
+        specs, fills, gpu = self.specs, self.fills, self.gpu
+
+        def warp(images, matrix, fill: list[float]):
+            if len(set(fill)) == 1:
+                return fn.warp_affine(images, matrix=matrix, fill_value=fill[0])
+            # warp_affine takes one fill value: warp each channel with its own and put them back together
+            planes = [fn.warp_affine(images[:, :, k:k + 1], matrix=matrix, fill_value=f) for k, f in enumerate(fill)]
+            return fn.cat(*planes, axis=2)
+
+        def to_gray(images):
+            luma = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
+            return fn.cat(luma, luma, luma, axis=2)
+
+        def affine(images, coin, matrix, fill):
+            if coin:
+                images = warp(images, matrix, fill)
+            return images
+
+        def gray(images, coin):
+            if coin:
+                images = to_gray(images)
+            return images
+
+        @self.pipeline_def(enable_conditionals=True)
+        def pipeline():
+            images, labels, *params = fn.external_source(source=self._source, num_outputs=outputs, batch=True,
+                                                         batch_info=True, layout=["HWC"] + [""] * (outputs - 1))
+            if gpu:
+                images, labels = images.gpu(), labels.gpu()
+            for i, spec in enumerate(specs):
+                if isinstance(spec, Flip):
+                    images = fn.flip(images, horizontal=params.pop(0))
+                elif isinstance(spec, AffineSpec):
+                    images = affine(images, params.pop(0), params.pop(0), fills[i])
+                elif isinstance(spec, DropoutSpec):
+                    anchor, shape = params.pop(0), params.pop(0)
+                    images = fn.erase(images, anchor=anchor, shape=shape, axis_names="HW", fill_value=fills[i])
+                elif isinstance(spec, GraySpec):
+                    images = gray(images, params.pop(0))
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=mean, std=std)
+            return images, labels
+
+        device_id = (c.device.index if c.device.index is not None else torch.cuda.current_device()) if gpu else None
+        pipe = pipeline(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id, seed=c.seed % 2**31,
+                        prefetch_queue_depth=self.prefetch)
+        try:
+            pipe.build()
+        except RuntimeError as exc:  # e.g. a CUDA driver DALI cannot use
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            where = f"GPU {device_id}" if gpu else "the CPU"
+            hint = "; try loader.device=cpu" if gpu else ""
+            raise MicrotrainError(f"loader 'dali' could not build its pipeline on {where}: {first}{hint}") from exc
+        return pipe
+
+    def _to_torch(self, batch) -> torch.Tensor:
+        """Copy a dense DALI batch into a new torch tensor: on the GPU on torch's current stream."""
+        tensor = batch.as_tensor()
+        dtype = self.torch_type[tensor.dtype]
+        if self.gpu:
+            device = self.context.device
+            out = torch.empty(tensor.shape(), dtype=dtype, device=device)
+            return self.feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
+        out = self.feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=dtype))
+        return out.to(self.context.device) if self.context.device.type != "cpu" else out
+
+    def _finish(self) -> None:
+        """After the epoch's last batch: DALI's source has said StopIteration; rewind for the next epoch."""
+        try:
+            self._pipe.run()
+        except StopIteration:
+            self._pipe.reset()
+            self._dirty = False
+            return
+        raise RuntimeError("DALI produced more batches than the epoch holds")  # an internal error, not user input
+
+    # -- the loader protocol --------------------------------------------------------------------
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Shuffle and augment for ``epoch``; ``start_batch`` skips batches already trained (resume)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        c = self.context
+        return batch_count(len(c.labels), self.batch_size, self.drop_last, c.world_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.context
+        batches = epoch_batches(len(c.labels), self.batch_size, seed=c.seed, epoch=self.epoch, shuffle=self.train,
+                                drop_last=self.drop_last, rank=c.rank, world_size=c.world_size)
+        if self._dirty:  # the last pass was abandoned midway: its prefetched batches are stale
+            self._pipe = self._build()
+            self._dirty = False
+        self._batches = list(enumerate(batches))[self.start_batch:]
+        self.start_batch = 0
+        total = len(self._batches)
+        for i in range(total):
+            self._dirty = True
+            images, labels = self._pipe.run()
+            images, labels = self._to_torch(images), self._to_torch(labels)
+            if c.channels_last:
+                images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last memory format
+            if i == total - 1:
+                self._finish()
+            yield images, labels
+
+
+def pick_mode(device: str, run_device: torch.device) -> bool:
+    """True for GPU operators. ``auto`` follows the run's device; a GPU asked for without one is an error."""
+    if device == "cpu":
+        return False
+    if device == "gpu":
+        if not torch.cuda.is_available():
+            raise MicrotrainError("loader.device=gpu but no CUDA GPU is available here; use loader.device=cpu (or auto)")
+        if run_device.type != "cuda":
+            raise RecipeError("loader.device=gpu delivers batches on the GPU but the run's device is cpu; "
+                              "set device=cuda (or auto), or loader.device=cpu")
+        return True
+    return run_device.type == "cuda"
+
+
+def default_threads() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
+
+
+def build_dali_loader(context: LoaderContext, *, batch_size: int = 128, eval_batch_size: int = 500,
+                      augment: list = [], drop_last: bool = False,  # noqa: B006
+                      device: Literal["auto", "cpu", "gpu"] = "auto", threads: int = 0, prefetch: int = 2) -> DaliLoader:
+    """NVIDIA DALI pipeline: augmentation on the GPU (device=auto|gpu) or on DALI's CPU operators (cpu)."""
+    if batch_size < 1 or eval_batch_size < 1:
+        raise RecipeError("loader.batch_size and loader.eval_batch_size must be at least 1")
+    if threads < 0:
+        raise RecipeError(f"loader.threads must be 0 (one per core, at most 8) or more, got {threads}")
+    if prefetch < 1:
+        raise RecipeError(f"loader.prefetch must be at least 1, got {prefetch}")
+    return DaliLoader(context, batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment,
+                      drop_last=drop_last, device=device, threads=threads or default_threads(), prefetch=prefetch)
+
+
+@microtrain.hookimpl
+def register_components(registry):
+    registry.loader("dali", build_dali_loader)

@@ -1,0 +1,263 @@
+"""Loader ``tensor``: the whole dataset held once as a uint8 tensor on the training device, augmented
+a whole batch at a time with torch ops.
+
+There are no worker processes and no per-sample Python: a batch is one index into the resident
+tensor, then each augmentation is a handful of batched tensor ops (a per-sample random mask and
+``torch.where``; affine warps through a sampling grid and ``F.grid_sample``; cutout holes through
+broadcast index comparisons). On a GPU the images never leave the device; on a CPU this avoids
+the DataLoader's inter-process copies.
+
+The recipe's ``augment`` list is the same as for the other loaders; it is validated by
+albumentations and read back as loader-neutral specs (plugins.augment_spec), so an argument means
+the same thing here. Sample order comes from microtrain.sampling.epoch_batches and every batch's
+random draws from a generator seeded with microtrain.sampling.batch_seed(seed, epoch, batch, rank):
+results depend only on (seed, epoch, batch), so resuming mid-epoch reproduces the same batches.
+
+Augmentation works in float32 on the 0-255 scale and is not rounded back to integers in between
+(albumentations rounds to uint8 after every transform), so values can differ from it by < 1 level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import microtrain
+from microtrain.errors import RecipeError
+from microtrain.sampling import batch_count, batch_seed, epoch_batches
+from microtrain.state import LoaderContext
+from plugins.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
+
+LUMA = (0.299, 0.587, 0.114)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched transforms on float images (B, C, H, W) on the 0-255 scale. Each takes its random
+# parameters explicitly, so tests can check the geometry against a hand computation or OpenCV.
+
+def flip(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the samples where ``apply`` (bool, (B,)) is set."""
+    return torch.where(apply.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def affine_theta(translate_px: torch.Tensor, scale: torch.Tensor, rotate_deg: torch.Tensor, height: int,
+                 width: int) -> torch.Tensor:
+    """The (B, 2, 3) ``F.affine_grid`` matrices for albumentations' Affine with these parameters.
+
+    Albumentations maps a source pixel p to ``c + t + R s (p - c)`` around the centre
+    ``c = (W/2 - 0.5, H/2 - 0.5)`` with ``R = [[cos, sin], [-sin, cos]]`` (OpenCV warps with it).
+    affine_grid needs the inverse (output -> source) in normalised coordinates, where pixel
+    centres are at ``(2x + 1)/W - 1`` (align_corners=False) and so ``c`` is the origin."""
+    radians = torch.deg2rad(rotate_deg)
+    cos, sin = torch.cos(radians) / scale, torch.sin(radians) / scale
+    # Inverse linear part (1/s) R^T, conjugated by diag(W/2, H/2) into normalised units.
+    a, b = cos, -sin * (height / width)
+    c, d = sin * (width / height), cos
+    tx = 2.0 * translate_px[:, 0] / width
+    ty = 2.0 * translate_px[:, 1] / height
+    row0 = torch.stack([a, b, -(a * tx + b * ty)], dim=1)
+    row1 = torch.stack([c, d, -(c * tx + d * ty)], dim=1)
+    return torch.stack([row0, row1], dim=1)
+
+
+def sampling_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, H, W), align_corners=False)`` by broadcasting: the same
+    (B, H, W, 2) grid, without affine_grid's batched matmul, which dominates it for small images."""
+    xs = (torch.arange(width, device=theta.device, dtype=theta.dtype) * 2 + 1) / width - 1
+    ys = (torch.arange(height, device=theta.device, dtype=theta.dtype) * 2 + 1) / height - 1
+    xs, ys = xs.view(1, 1, width), ys.view(1, height, 1)
+    t = theta.unsqueeze(-1).unsqueeze(-1)  # (B, 2, 3, 1, 1)
+    gx = t[:, 0, 0] * xs + t[:, 0, 1] * ys + t[:, 0, 2]
+    gy = t[:, 1, 0] * xs + t[:, 1, 1] * ys + t[:, 1, 2]
+    return torch.stack([gx, gy], dim=-1)
+
+
+def affine(images: torch.Tensor, apply: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Warp the samples where ``apply`` is set with bilinear sampling; uncovered pixels get ``fill``.
+
+    Sampling ``images - fill`` with zero padding and adding ``fill`` back blends border pixels with
+    the fill colour exactly as OpenCV's BORDER_CONSTANT does, without a second validity pass."""
+    _, c, h, w = images.shape
+    grid = sampling_grid(theta.to(images.dtype), h, w)
+    fill = fill.view(1, c, 1, 1)
+    warped = F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    return torch.where(apply.view(-1, 1, 1, 1), warped, images)
+
+
+def hole_mask(top: torch.Tensor, left: torch.Tensor, height: torch.Tensor, width: torch.Tensor, active: torch.Tensor,
+              image_height: int, image_width: int) -> torch.Tensor:
+    """(B, H, W) bool: inside any active hole. Holes are (B, K) tensors of top/left/height/width."""
+    rows = torch.arange(image_height, device=top.device).view(1, 1, -1)
+    cols = torch.arange(image_width, device=top.device).view(1, 1, -1)
+    in_rows = (rows >= top.unsqueeze(-1)) & (rows < (top + height).unsqueeze(-1)) & active.unsqueeze(-1)  # (B, K, H)
+    in_cols = (cols >= left.unsqueeze(-1)) & (cols < (left + width).unsqueeze(-1))  # (B, K, W)
+    return (in_rows.unsqueeze(-1) & in_cols.unsqueeze(-2)).any(dim=1)
+
+
+def dropout(images: torch.Tensor, apply: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Set the pixels of ``mask`` (B, H, W) to ``fill`` in the samples where ``apply`` is set."""
+    where = (mask & apply.view(-1, 1, 1)).unsqueeze(1)
+    return torch.where(where, fill.view(1, -1, 1, 1), images)
+
+
+def gray(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Replace every channel by the luma 0.299 R + 0.587 G + 0.114 B where ``apply`` is set."""
+    weights = torch.tensor(LUMA, device=images.device, dtype=images.dtype)
+    luma = torch.einsum("bchw,c->bhw", images, weights).unsqueeze(1)  # a matvec in either memory layout
+    return torch.where(apply.view(-1, 1, 1, 1), luma.expand_as(images), images)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _uniform(low: float, high: float, size: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return low + (high - low) * torch.rand(size, generator=generator, device=device)
+
+
+def _randint(low: torch.Tensor | int, high_inclusive: torch.Tensor | int, size: tuple[int, ...],
+             generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Integers uniform in [low, high_inclusive]; the bounds may be tensors (one per element)."""
+    span = high_inclusive - low + 1
+    return low + (torch.rand(size, generator=generator, device=device) * span).floor().long()
+
+
+class BatchAugment:
+    """The canonical specs of a recipe's augment list, applied to whole batches in order."""
+
+    def __init__(self, specs: list[Spec], channels: int, height: int, width: int, device: torch.device):
+        self.specs = specs
+        self.height, self.width = height, width
+        self.device = device
+        self.fills: dict[int, torch.Tensor] = {}
+        for i, spec in enumerate(specs):
+            if isinstance(spec, GraySpec) and channels not in (1, 3):
+                raise RecipeError(f"loader.augment[{i}]: ToGray needs 3-channel (or 1-channel) images, these have {channels}")
+            if isinstance(spec, (AffineSpec, DropoutSpec)):
+                fill = spec.fill
+                if len(fill) == 1:
+                    fill = fill * channels
+                if len(fill) != channels:
+                    raise RecipeError(f"loader.augment[{i}]: fill has {len(spec.fill)} values but the images have "
+                                      f"{channels} channels; give one value or one per channel")
+                self.fills[i] = torch.tensor(fill, dtype=torch.float32, device=device)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, device = images.shape[0], self.device
+        for i, spec in enumerate(self.specs):
+            apply = torch.rand(b, generator=generator, device=device) < spec.p
+            if isinstance(spec, Flip):
+                images = flip(images, apply)
+            elif isinstance(spec, AffineSpec):
+                images = affine(images, apply, self._theta(spec, b, generator), self.fills[i])
+            elif isinstance(spec, DropoutSpec):
+                images = dropout(images, apply, self._holes(spec, b, generator), self.fills[i])
+            elif isinstance(spec, GraySpec):
+                if images.shape[1] == 3:
+                    images = gray(images, apply)
+        return images
+
+    def _theta(self, spec: AffineSpec, b: int, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample parameters drawn as albumentations draws them (translation truncated to pixels)."""
+        device, h, w = self.device, self.height, self.width
+        tx = torch.trunc(_uniform(*spec.translate_x, (b,), generator, device) * w)
+        ty = torch.trunc(_uniform(*spec.translate_y, (b,), generator, device) * h)
+        scale = _uniform(*spec.scale, (b,), generator, device)
+        rotate = _uniform(*spec.rotate, (b,), generator, device)
+        return affine_theta(torch.stack([tx, ty], dim=1), scale, rotate, h, w)
+
+    def _holes(self, spec: DropoutSpec, b: int, generator: torch.Generator) -> torch.Tensor:
+        """Hole sizes and places as albumentations' CoarseDropout draws them: pixel sizes when the
+        height range's upper end is >= 1, else fractions of the side; top-left uniform over the
+        positions where the hole fits."""
+        device, h, w = self.device, self.height, self.width
+        k = int(spec.holes[1])
+        count = _randint(int(spec.holes[0]), k, (b,), generator, device)
+        active = torch.arange(k, device=device).view(1, k) < count.view(b, 1)
+        if spec.height[1] >= 1:
+            heights = _randint(int(spec.height[0]), int(min(spec.height[1], h)), (b, k), generator, device)
+            widths = _randint(int(spec.width[0]), int(min(spec.width[1], w)), (b, k), generator, device)
+        else:
+            heights = (h * _uniform(*spec.height, (b, k), generator, device)).long()
+            widths = (w * _uniform(*spec.width, (b, k), generator, device)).long()
+        top = _randint(0, h - heights, (b, k), generator, device)
+        left = _randint(0, w - widths, (b, k), generator, device)
+        return hole_mask(top, left, heights, widths, active, h, w)
+
+
+class TensorLoader:
+    """Batches of (normalised float NCHW images, int64 labels) cut from a device-resident uint8 tensor."""
+
+    def __init__(self, context: LoaderContext, *, batch_size: int, eval_batch_size: int, augment: list[Any],
+                 drop_last: bool):
+        self.context = context
+        self.train = context.train
+        self.batch_size = batch_size if self.train else eval_batch_size
+        self.drop_last = drop_last and self.train
+        self.epoch = 1
+        self.start_batch = 0
+        device = context.device
+        if context.images.ndim != 4 or context.images.dtype != np.uint8:
+            raise RecipeError(f"loader.name=tensor needs uint8 images (N, H, W, C), got {context.images.dtype} "
+                              f"{tuple(context.images.shape)}; check the dataset plugin")
+        _, h, w, channels = context.images.shape
+        # NHWC storage: a gathered batch permuted to NCHW is already channels_last in memory.
+        self.images = torch.as_tensor(np.ascontiguousarray(context.images)).to(device)
+        self.labels = torch.as_tensor(np.asarray(context.labels, dtype=np.int64)).to(device)
+        specs = canonical_transforms(augment, "tensor") if (augment and self.train) else []
+        self.augment = BatchAugment(specs, channels, h, w, device) if specs else None
+        self.mean = torch.tensor(context.mean, device=device).view(1, channels, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(context.std, device=device).view(1, channels, 1, 1) * 255.0)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Shuffle and augment for ``epoch``; ``start_batch`` skips batches already trained (resume)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        c = self.context
+        return batch_count(len(c.labels), self.batch_size, self.drop_last, c.world_size)
+
+    def batches(self) -> list[np.ndarray]:
+        """This epoch's index arrays, the same ones every loader uses."""
+        c = self.context
+        return epoch_batches(len(c.labels), self.batch_size, seed=c.seed, epoch=self.epoch, shuffle=self.train,
+                             drop_last=self.drop_last, rank=c.rank, world_size=c.world_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        c, device = self.context, self.context.device
+        batches = self.batches()
+        start, self.start_batch = self.start_batch, 0
+        if start >= len(batches):
+            return
+        # One host-to-device copy of the epoch's order, then views of it per batch.
+        sizes = [len(idx) for idx in batches]
+        order = torch.from_numpy(np.concatenate(batches).astype(np.int64)).to(device)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        for number in range(start, len(batches)):
+            index = order[offsets[number]:offsets[number + 1]]
+            images = self.images.index_select(0, index).permute(0, 3, 1, 2).float()  # NCHW view, NHWC memory
+            if self.augment is not None:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(batch_seed(c.seed, self.epoch, number, c.rank))
+                images = self.augment(images, generator)
+            images = (images - self.mean) * self.inv_std
+            fmt = torch.channels_last if c.channels_last else torch.contiguous_format
+            yield images.contiguous(memory_format=fmt), self.labels.index_select(0, index)
+
+
+def build_tensor_loader(context: LoaderContext, *, batch_size: int = 128, eval_batch_size: int = 500,
+                        augment: list = [], drop_last: bool = False) -> TensorLoader:  # noqa: B006
+    """Whole dataset as one uint8 tensor on the device; batched torch-op augmentation, no workers."""
+    if batch_size < 1 or eval_batch_size < 1:
+        raise RecipeError("loader.batch_size and loader.eval_batch_size must be at least 1")
+    return TensorLoader(context, batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment,
+                        drop_last=drop_last)
+
+
+@microtrain.hookimpl
+def register_components(registry):
+    registry.loader("tensor", build_tensor_loader)
+
