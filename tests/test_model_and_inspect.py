@@ -1,0 +1,51 @@
+"""The seed model's size and the layer table's receptive fields, checked against a hand computation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO
+from microtrain.inspect_model import layer_table
+from plugins.dsconv import build_dsconv
+
+
+def test_dsconv_size_and_output():
+    model = build_dsconv(10, (3, 32, 32))
+    params = sum(p.numel() for p in model.parameters())
+    assert 100_000 <= params <= 108_000
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_dsconv_has_no_activation_after_the_last_layer():
+    model = build_dsconv(10, (3, 32, 32))
+    assert isinstance(model.classifier, torch.nn.Conv2d)
+    assert model.classifier.kernel_size == (1, 1)
+
+
+def test_receptive_fields_match_the_hand_computation():
+    """RF_out = RF_in + (k_eff - 1) * jump, k_eff = d*(k-1)+1, jump *= stride. By hand for the seed:
+    C1..C4 3x3: 3, 5, 7, 9; C5 1x1: 9; POOL1 3x3 s2: 11 (jump 2); C6..C8: 15, 19, 23; C9: 23;
+    POOL2 3x3 s2: 27 (jump 4); C10 depthwise 3x3: 35 (+1x1: 35); C11: 43 (+1x1: 43);
+    C12 3x3 dilation 2 (k_eff 5): 59; C13 1x1: 59; GAP: the whole image."""
+    rows, totals = layer_table(build_dsconv(10, (3, 32, 32)), (3, 32, 32))
+    convs = [row for row in rows if row.kind.startswith("Conv")]
+    expected = [3, 5, 7, 9, 9, 11, 15, 19, 23, 23, 27, 35, 35, 43, 43, 59, 59]
+    assert [row.receptive_field for row in convs] == expected
+    assert [row.jump for row in convs][-1] == 4
+    assert [row.output_shape for row in convs][5] == [16, 16, 16]
+    assert [row.output_shape for row in convs][10] == [32, 8, 8]
+    assert totals["params"] == sum(row.params for row in rows)
+
+
+def test_inspect_command_json():
+    result = subprocess.run([sys.executable, "-m", "microtrain", "inspect", str(REPO / "recipes" / "cifar10_dsconv.yaml"),
+                             "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["totals"]["receptive_field"] == 59
+    assert 100_000 <= data["totals"]["params"] <= 108_000
+    assert data["layers"][-1]["output_shape"] == [10, 1, 1]
