@@ -132,10 +132,17 @@ def canonical_transforms(entries: list[Any], loader: str, where: str = "loader.a
             shear = transform.shear
             if any(v != 0 for axis in shear.values() for v in axis):
                 raise RecipeError(f"{here}: {name}.shear cannot be expressed by the {loader} loader; use loader.name=albumentations")
-            if transform.scale["x"] != transform.scale["y"]:
-                raise RecipeError(f"{here}: {name} with different x and y scale cannot be expressed by the {loader} loader")
+            scale = tuple(transform.scale["x"])
+            if transform.scale["x"] != transform.scale["y"] or (not transform.keep_ratio and scale[0] != scale[1]):
+                raise RecipeError(
+                    f"{here}: {name} draws x and y scale independently (albumentations' keep_ratio=false), which the "
+                    f"{loader} loader cannot express; use Affine with keep_ratio: true for one isotropic scale"
+                )
+            if transform.translate_px and any(v != 0 for axis in transform.translate_px.values() for v in axis):
+                raise RecipeError(f"{here}: {name}.translate_px cannot be expressed by the {loader} loader; "
+                                  "use translate_percent")
             translate = transform.translate_percent or {"x": (0.0, 0.0), "y": (0.0, 0.0)}
-            specs.append(AffineSpec(p, tuple(translate["x"]), tuple(translate["y"]), tuple(transform.scale["x"]),
+            specs.append(AffineSpec(p, tuple(translate["x"]), tuple(translate["y"]), scale,
                                     tuple(transform.rotate), _fill(transform.fill)))
         elif isinstance(transform, A.CoarseDropout):
             if isinstance(transform.fill, str):

@@ -127,3 +127,14 @@ def test_albumentations_argument_it_does_not_know_is_an_error(tiny_recipe):
         build_transforms([{"HorizontalFlipp": {"p": 0.5}}])
     with pytest.raises(RecipeError, match="invalid arguments for Affine"):
         build_transforms([{"Affine": {"rotate": "a lot"}}])
+
+
+def test_canonical_affine_refuses_what_dali_and_tensor_cannot_express():
+    from plugins.augment_spec import AffineSpec, canonical_transforms
+
+    with pytest.raises(RecipeError, match="draws x and y scale independently.*keep_ratio: true"):
+        canonical_transforms([{"Affine": {"scale": [0.9, 1.1]}}], "tensor")
+    with pytest.raises(RecipeError, match="translate_px cannot be expressed by the dali loader"):
+        canonical_transforms([{"Affine": {"translate_px": 3}}], "dali")
+    (spec,) = canonical_transforms([{"Affine": {"scale": [0.9, 1.1], "keep_ratio": True, "p": 1.0}}], "tensor")
+    assert spec == AffineSpec(1.0, (0.0, 0.0), (0.0, 0.0), (0.9, 1.1), (0.0, 0.0), (0.0, 0.0, 0.0))
