@@ -401,7 +401,7 @@ TINY = {"name": "hard", "epochs": 1, "device": "cpu", "threads": 1, "determinist
         "data": {"name": "synthetic", "train_size": 128, "test_size": 64, "image_size": 16},
         "model": {"name": "dsconv", "width": 0.5},
         "loader": {"name": "albumentations", "batch_size": 64, "workers": 0},
-        "optimizer": {"name": "sgd", "lr": 0.05}, "schedule": {"name": "onecycle", "max_lr": 0.1},
+        "optimizer": {"name": "sgd", "lr": 0.05}, "schedule": {"name": "constant"},
         "plugins": ["metrics", {"checkpoint": {"every_steps": 1}}]}
 
 
