@@ -25,7 +25,8 @@ def _parser(pm) -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path to a recipe .yaml")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any recipe field by its dotted path")
     run.add_argument("--run-dir", type=Path, help="output folder (default runs/<name>/<timestamp>)")
-    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (or from the checkpoint file RUN_DIR/checkpoints/X.pt)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                     "(or from the checkpoint file RUN_DIR/checkpoints/X.pt)")
     run.add_argument("--force", action="store_true", help="with --resume: accept a recipe that differs from the saved one")
     run.set_defaults(handler=_cmd_run)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from microtrain.errors import RecipeError, did_you_mean
 
@@ -180,7 +181,7 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
         if args and args[-1] is not Ellipsis and origin is tuple:
             if len(args) != len(value):
                 raise RecipeError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return [check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            return [check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         item = args[0] if args else Any
         return [check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:

@@ -4,7 +4,8 @@ the built-ins included), then modules a recipe names, then callbacks the recipe 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pluggy
 

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import real_cifar_root
+
 from microtrain.errors import DataError
 from plugins import cifar10
 from plugins.imagefolder import build_imagefolder
@@ -108,6 +108,7 @@ def test_real_cifar10_copy_verifies_and_has_the_seed_statistics():
 def test_short_real_data_run_learns(tiny_recipe, tmp_path):
     """2 epochs on 2,000 real images with the seed recipe's loader: clearly above chance."""
     from conftest import REPO
+
     from microtrain.run import run
 
     run_dir = tmp_path / "run"

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import REPO
+
 from microtrain.inspect_model import layer_table
 from plugins.dsconv import build_dsconv
 

@@ -118,7 +118,6 @@ def test_seed_recipe_matches_the_seed_document():
 def test_albumentations_argument_it_does_not_know_is_an_error(tiny_recipe):
     """albumentations 2.x only warns about old names such as max_holes; microtrain refuses them."""
     from microtrain.engine import build_state  # noqa: F401 - the loader validates when built
-
     from plugins.albumentations_loader import build_transforms
 
     with pytest.raises(RecipeError, match="CoarseDropout has no argument 'max_holes'.*num_holes_range"):

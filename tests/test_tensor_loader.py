@@ -296,7 +296,8 @@ def test_probabilities_within_statistical_tolerance() -> None:
 
 AUGMENT = [
     {"HorizontalFlip": {"p": 0.5}},
-    {"Affine": {"translate_percent": [-0.0625, 0.0625], "scale": [0.9, 1.1], "keep_ratio": True, "rotate": [-15, 15], "fill": FILL, "p": 0.5}},
+    {"Affine": {"translate_percent": [-0.0625, 0.0625], "scale": [0.9, 1.1], "keep_ratio": True,
+                "rotate": [-15, 15], "fill": FILL, "p": 0.5}},
     {"CoarseDropout": {"num_holes_range": [1, 1], "hole_height_range": [8, 8], "hole_width_range": [8, 8], "fill": FILL,
                        "p": 0.5}},
     {"ToGray": {"p": 0.1}},
