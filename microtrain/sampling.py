@@ -60,3 +60,36 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bo
 def batch_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
     """A seed for one batch's augmentation, independent of worker count and resumable."""
     return int(np.random.default_rng([seed, epoch, batch, rank, 0xA06]).integers(2**31 - 1))
+
+
+class EpochBatches:
+    """The bookkeeping every loader shares: the epoch, where a resumed epoch starts, and this
+    rank's index arrays. Loaders inherit it and implement ``__iter__`` over ``remaining_batches()``."""
+
+    def __init__(self, context, *, batch_size: int, eval_batch_size: int, drop_last: bool):
+        self.context = context
+        self.train = context.train
+        self.batch_size = batch_size if self.train else eval_batch_size
+        self.drop_last = drop_last and self.train
+        self.epoch = 1
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Shuffle and augment for ``epoch``; ``start_batch`` skips batches already trained (resume)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return batch_count(len(self.context.labels), self.batch_size, self.drop_last, self.context.world_size)
+
+    def epoch_batches(self) -> list[np.ndarray]:
+        """This epoch's index arrays, the same ones every loader uses."""
+        c = self.context
+        return epoch_batches(len(c.labels), self.batch_size, seed=c.seed, epoch=self.epoch, shuffle=self.train,
+                             drop_last=self.drop_last, rank=c.rank, world_size=c.world_size)
+
+    def remaining_batches(self) -> list[tuple[int, np.ndarray]]:
+        """(batch number, indices) from ``start_batch`` on; a later pass starts at 0 again."""
+        numbered = list(enumerate(self.epoch_batches()))[self.start_batch:]
+        self.start_batch = 0
+        return numbered

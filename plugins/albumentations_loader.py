@@ -21,7 +21,7 @@ import torch
 
 import microtrain
 from microtrain.errors import RecipeError
-from microtrain.sampling import batch_count, batch_seed, epoch_batches
+from microtrain.sampling import EpochBatches, batch_seed
 from microtrain.state import LoaderContext
 from plugins.augment_spec import parse_augment_list
 
@@ -84,18 +84,13 @@ class _BatchDataset(torch.utils.data.Dataset):
         return 0
 
 
-class AlbumentationsLoader:
+class AlbumentationsLoader(EpochBatches):
     """Batches of (normalised float NCHW images, int64 labels) on ``context.device``."""
 
     def __init__(self, context: LoaderContext, *, batch_size: int, eval_batch_size: int, workers: int,
                  augment: list[Any], drop_last: bool, prefetch_factor: int):
-        self.context = context
-        self.train = context.train
-        self.batch_size = batch_size if self.train else eval_batch_size
-        self.drop_last = drop_last and self.train
+        super().__init__(context, batch_size=batch_size, eval_batch_size=eval_batch_size, drop_last=drop_last)
         self.workers = workers
-        self.epoch = 1
-        self.start_batch = 0
         augment = augment if self.train else []
         if augment:
             build_transforms(augment)  # validate now, in the main process, so errors surface before training
@@ -117,20 +112,9 @@ class AlbumentationsLoader:
             generator=torch.Generator().manual_seed(context.seed),
         )
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Shuffle and augment for ``epoch``; ``start_batch`` skips batches already trained (resume)."""
-        self.epoch = epoch
-        self.start_batch = start_batch
-
     def keys(self) -> list[tuple[int, int, np.ndarray]]:
-        c = self.context
-        batches = epoch_batches(len(c.labels), self.batch_size, seed=c.seed, epoch=self.epoch, shuffle=self.train,
-                                drop_last=self.drop_last, rank=c.rank, world_size=c.world_size)
-        return [(self.epoch, i, idx) for i, idx in enumerate(batches)][self.start_batch:]
-
-    def __len__(self) -> int:
-        c = self.context
-        return batch_count(len(c.labels), self.batch_size, self.drop_last, c.world_size)
+        """What the sampler hands the workers: (epoch, batch number, indices) for each batch left."""
+        return [(self.epoch, number, indices) for number, indices in self.remaining_batches()]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.context.device
@@ -141,7 +125,6 @@ class AlbumentationsLoader:
             if not self.context.channels_last:
                 images = images.contiguous()
             yield images, labels.to(device, non_blocking=non_blocking)
-        self.start_batch = 0
 
 
 class _KeySampler(torch.utils.data.Sampler):

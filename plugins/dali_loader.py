@@ -21,7 +21,7 @@ import torch
 
 import microtrain
 from microtrain.errors import MicrotrainError, RecipeError
-from microtrain.sampling import batch_count, batch_seed, epoch_batches
+from microtrain.sampling import EpochBatches, batch_seed
 from microtrain.state import LoaderContext
 from plugins.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
 
@@ -127,16 +127,13 @@ def pixel_fill(fill: tuple[float, ...], channels: int, what: str, whole) -> list
 
 # ---------------------------------------------------------------------------------------------
 
-class DaliLoader:
+class DaliLoader(EpochBatches):
     """Batches of (normalised float NCHW images, int64 labels) on ``context.device``, made by DALI."""
 
     def __init__(self, context: LoaderContext, *, batch_size: int, eval_batch_size: int, augment: list[Any],
                  drop_last: bool, device: str, threads: int, prefetch: int):
         self.fn, self.types, self.pipeline_def, self.feed_ndarray, self.torch_type = import_dali()
-        self.context = context
-        self.train = context.train
-        self.batch_size = batch_size if self.train else eval_batch_size
-        self.drop_last = drop_last and self.train
+        super().__init__(context, batch_size=batch_size, eval_batch_size=eval_batch_size, drop_last=drop_last)
         self.specs = canonical_transforms(augment, "dali") if self.train and augment else []
         self.gpu = pick_mode(device, context.device)
         self.threads = threads
@@ -147,8 +144,6 @@ class DaliLoader:
         self.fills = {i: pixel_fill(s.fill, self.channels, "Affine" if isinstance(s, AffineSpec) else "CoarseDropout",
                                     np.rint if isinstance(s, AffineSpec) else np.trunc)
                       for i, s in enumerate(self.specs) if isinstance(s, (AffineSpec, DropoutSpec))}
-        self.epoch = 1
-        self.start_batch = 0
         self._batches: list[tuple[int, np.ndarray]] = []
         self._pipe = self._build()
         self._dirty = False  # True while the pipeline holds batches of an unfinished epoch
@@ -250,30 +245,17 @@ class DaliLoader:
         raise RuntimeError("DALI produced more batches than the epoch holds")  # an internal error, not user input
 
     # -- the loader protocol --------------------------------------------------------------------
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Shuffle and augment for ``epoch``; ``start_batch`` skips batches already trained (resume)."""
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def __len__(self) -> int:
-        c = self.context
-        return batch_count(len(c.labels), self.batch_size, self.drop_last, c.world_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        c = self.context
-        batches = epoch_batches(len(c.labels), self.batch_size, seed=c.seed, epoch=self.epoch, shuffle=self.train,
-                                drop_last=self.drop_last, rank=c.rank, world_size=c.world_size)
         if self._dirty:  # the last pass was abandoned midway: its prefetched batches are stale
             self._pipe = self._build()
             self._dirty = False
-        self._batches = list(enumerate(batches))[self.start_batch:]
-        self.start_batch = 0
+        self._batches = self.remaining_batches()
         total = len(self._batches)
         for i in range(total):
             self._dirty = True
             images, labels = self._pipe.run()
             images, labels = self._to_torch(images), self._to_torch(labels)
-            if c.channels_last:
+            if self.context.channels_last:
                 images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last memory format
             if i == total - 1:
                 self._finish()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import microtrain
 from microtrain.errors import RecipeError
-from microtrain.sampling import batch_count, batch_seed, epoch_batches
+from microtrain.sampling import EpochBatches, batch_seed
 from microtrain.state import LoaderContext
 from plugins.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
 
@@ -187,17 +187,12 @@ class BatchAugment:
         return hole_mask(top, left, heights, widths, active, h, w)
 
 
-class TensorLoader:
+class TensorLoader(EpochBatches):
     """Batches of (normalised float NCHW images, int64 labels) cut from a device-resident uint8 tensor."""
 
     def __init__(self, context: LoaderContext, *, batch_size: int, eval_batch_size: int, augment: list[Any],
                  drop_last: bool):
-        self.context = context
-        self.train = context.train
-        self.batch_size = batch_size if self.train else eval_batch_size
-        self.drop_last = drop_last and self.train
-        self.epoch = 1
-        self.start_batch = 0
+        super().__init__(context, batch_size=batch_size, eval_batch_size=eval_batch_size, drop_last=drop_last)
         device = context.device
         if context.images.ndim != 4 or context.images.dtype != np.uint8:
             raise RecipeError(f"loader.name=tensor needs uint8 images (N, H, W, C), got {context.images.dtype} "
@@ -211,33 +206,16 @@ class TensorLoader:
         self.mean = torch.tensor(context.mean, device=device).view(1, channels, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(context.std, device=device).view(1, channels, 1, 1) * 255.0)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Shuffle and augment for ``epoch``; ``start_batch`` skips batches already trained (resume)."""
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def __len__(self) -> int:
-        c = self.context
-        return batch_count(len(c.labels), self.batch_size, self.drop_last, c.world_size)
-
-    def batches(self) -> list[np.ndarray]:
-        """This epoch's index arrays, the same ones every loader uses."""
-        c = self.context
-        return epoch_batches(len(c.labels), self.batch_size, seed=c.seed, epoch=self.epoch, shuffle=self.train,
-                             drop_last=self.drop_last, rank=c.rank, world_size=c.world_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         c, device = self.context, self.context.device
-        batches = self.batches()
-        start, self.start_batch = self.start_batch, 0
-        if start >= len(batches):
+        remaining = self.remaining_batches()
+        if not remaining:
             return
-        # One host-to-device copy of the epoch's order, then views of it per batch.
-        sizes = [len(idx) for idx in batches]
-        order = torch.from_numpy(np.concatenate(batches).astype(np.int64)).to(device)
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        for number in range(start, len(batches)):
-            index = order[offsets[number]:offsets[number + 1]]
+        # One host-to-device copy of the epoch's remaining order, then views of it per batch.
+        order = torch.from_numpy(np.concatenate([idx for _, idx in remaining]).astype(np.int64)).to(device)
+        offsets = np.concatenate([[0], np.cumsum([len(idx) for _, idx in remaining])])
+        for position, (number, _) in enumerate(remaining):
+            index = order[offsets[position]:offsets[position + 1]]
             images = self.images.index_select(0, index).permute(0, 3, 1, 2).float()  # NCHW view, NHWC memory
             if self.augment is not None:
                 generator = torch.Generator(device=device)
