@@ -72,8 +72,8 @@ class AffineSpec:
 @dataclass(frozen=True)
 class DropoutSpec:
     """With probability p, ``holes`` rectangles (count drawn from the range) of height/width drawn
-    from the ranges set to ``fill``. Range values above 1 are pixels; values in (0, 1] are
-    fractions of the image side (albumentations reads YAML lists of ints back as floats)."""
+    from the ranges set to ``fill``. As in albumentations, the ranges are pixels when the height
+    range's upper end is >= 1 (for the width too), else fractions of the image side."""
 
     p: float
     holes: tuple[int, int]
