@@ -252,6 +252,7 @@ def test_dali_recipe_is_the_seed_recipe_with_another_loader():
     dali = load_recipe_file(REPO / "recipes" / "cifar10_dsconv_dali.yaml")
     assert dali["loader"]["name"] == "dali"
     assert dali["loader"]["augment"] == seed["loader"]["augment"]
+    assert dali["loader"]["batch_size"] == seed["loader"]["batch_size"]
     assert {k: v for k, v in dali.items() if k not in ("name", "loader")} == {k: v for k, v in seed.items()
                                                                            if k not in ("name", "loader")}
 
