@@ -414,3 +414,26 @@ def test_tensorboard_missing_is_one_clear_error(tmp_path: Path, monkeypatch, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "tensorboard" in err and "pip install 'microtrain[tensorboard]'" in err
+
+
+# --- tensorboard, the real package ----------------------------------------------------------------
+
+def test_tensorboard_events_are_readable_by_tensorboard(tmp_path: Path) -> None:
+    """The real SummaryWriter's event files, read back the way ``tensorboard --logdir`` reads them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = tiny_recipe(tmp_path, ["metrics", {"tensorboard": {"every_steps": 4, "mistakes": 6}}])
+    assert main(["run", str(recipe), "--run-dir", str(tmp_path / "run")]) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss/train", "loss/test", "accuracy/test", "step/loss", "per_class/class0"} <= set(tags["scalars"])
+    test_acc = events.Scalars("accuracy/test")
+    assert [event.step for event in test_acc] == [8, 16]
+    assert test_acc[-1].value == pytest.approx(last_metrics(tmp_path / "run")["test_acc"], abs=1e-4)
+    assert [event.step for event in events.Scalars("step/loss")] == [4, 8, 12, 16]
+    assert {"confusion", "misclassified"} <= set(tags["images"])
+    confusion = events.Images("confusion")
+    assert len(confusion) == 2 and confusion[-1].width > 200 and confusion[-1].height > 200
+    assert confusion[-1].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
