@@ -46,6 +46,19 @@ def _parser(pm) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but KEY=VALUE overrides may also follow options (`run R --run-dir D epochs=2`).
+
+    argparse stops filling a positional list at the first option and would reject the words after it.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from microtrain.plugin_manager import create_plugin_manager
 
@@ -53,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())  # recipe-named plugin modules next to the recipe, as with `python -m`
     try:
         pm, _ = create_plugin_manager()
-        args = _parser(pm).parse_args(argv)
+        args = parse_command_line(_parser(pm), argv)
         if not getattr(args, "handler", None):
             _parser(pm).print_help()
             return 2

@@ -139,3 +139,20 @@ def test_python_dash_m_and_console_script_agree():
     assert script, "the microtrain console script is installed beside python"
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "run" in result.stdout
+
+
+def test_overrides_may_follow_options():
+    from microtrain.cli import _parser, parse_command_line
+
+    args = parse_command_line(_parser(None), ["run", "r.yaml", "epochs=2", "--run-dir", "out", "seed=3", "data.name=synthetic"])
+    assert args.overrides == ["epochs=2", "seed=3", "data.name=synthetic"]
+    assert str(args.run_dir) == "out"
+
+
+def test_stray_words_after_options_are_a_usage_error(capsys):
+    from microtrain.cli import _parser, parse_command_line
+
+    with pytest.raises(SystemExit) as exc:
+        parse_command_line(_parser(None), ["run", "r.yaml", "--run-dir", "out", "stray"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
