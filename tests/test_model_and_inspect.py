@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO
 
@@ -49,3 +50,44 @@ def test_inspect_command_json():
     assert data["totals"]["receptive_field"] == 59
     assert 100_000 <= data["totals"]["params"] <= 108_000
     assert data["layers"][-1]["output_shape"] == [10, 1, 1]
+
+
+def test_dsresnet_size_output_and_options():
+    from microtrain.errors import RecipeError
+    from plugins.dsresnet import build_dsresnet
+
+    model = build_dsresnet(10, (3, 32, 32))
+    assert sum(p.numel() for p in model.parameters()) == 97_610  # the <= 105K-parameter goal
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    deeper = build_dsresnet(10, (3, 32, 32), widths=[16, 32], blocks=[1, 3])
+    assert len(deeper.stages) == 4 and deeper(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(RecipeError, match="same number of stages"):
+        build_dsresnet(10, (3, 32, 32), widths=[32, 64], blocks=[2])
+    with pytest.raises(RecipeError, match="positive integers"):
+        build_dsresnet(10, (3, 32, 32), widths=[32, 0], blocks=[2, 2])
+
+
+def test_dsresnet_blocks_start_as_the_identity():
+    """The last BN of each block starts at zero, so a fresh block passes a non-negative input through."""
+    from plugins.dsresnet import SeparableResidualBlock
+
+    block = SeparableResidualBlock(8, 8).eval()
+    x = torch.rand(2, 8, 6, 6)
+    assert torch.equal(block(x), x)
+    assert not isinstance(SeparableResidualBlock(8, 16, stride=2).shortcut, torch.nn.Identity)
+
+
+def test_receptive_fields_follow_residual_branches():
+    """By hand along dsresnet's longest path: stem 3x3: 3; every depthwise 3x3 adds 2*jump. Stage 1
+    (jump 1): 5, 7, 9, 11. Stage 2, the first depthwise has stride 2: 13 (jump 2), then 17, 21, 25.
+    Stage 3: 29 (jump 4), 37, 45, 53. 1x1 convolutions add nothing; a shortcut's 1x1 convolution runs
+    after its block's main path but sees the block's input (11 and 25), and the sum after it takes
+    the larger field, so the blocks after it continue from the main path."""
+    from plugins.dsresnet import build_dsresnet
+
+    rows, totals = layer_table(build_dsresnet(10, (3, 32, 32)), (3, 32, 32))
+    depthwise = [row.receptive_field for row in rows if row.kind.startswith("Conv 3x3") and " g" in row.kind]
+    assert depthwise == [5, 7, 9, 11, 13, 17, 21, 25, 29, 37, 45, 53]
+    shortcuts = [(row.receptive_field, row.jump) for row in rows if ".shortcut." in row.name]
+    assert shortcuts == [(11, 2), (25, 4)]
+    assert totals["receptive_field"] == 53
