@@ -69,7 +69,7 @@ def test_default_run_dir_is_runs_name_timestamp(tiny_recipe, tmp_path):
     [
         (["epoch=3"], r"unknown recipe field 'epoch' \(did you mean 'epochs'\?\)"),
         (["epochs=many"], r"epochs: expected int, got str 'many'"),
-        (["model.name=resnet"], r"unknown model 'resnet'; available: dsconv"),
+        (["model.name=vgg"], r"unknown model 'vgg'; available: dsconv, dsresnet"),
         (["loader.name=albumentation"], r"unknown loader 'albumentation' \(did you mean 'albumentations'\?\)"),
         (["plugins=[not_a_module.at_all]"], r"plugin module 'not_a_module.at_all' not found"),
         (["loader.augment=[{CoarseDropout: {max_holes: 1}}]"], r"CoarseDropout has no argument 'max_holes'"),
