@@ -43,7 +43,7 @@ def perturb(model: nn.Module, generator: torch.Generator) -> None:
 @pytest.mark.parametrize("warmup", [False, True])
 def test_ema_two_steps_equal_a_hand_computation(warmup: bool) -> None:
     model = tiny_model()
-    ema = build_ema(decay=0.9, warmup=warmup, every_steps=1)
+    ema = build_ema(decay=0.9, warmup=warmup, every_steps=1, bn_batches=0)  # 0: BN statistics copied
     state = SimpleNamespace(unwrapped_model=model, step=0, eval_model=model)
     ema.before_fit(state)
     w0 = snapshot(model)
@@ -71,7 +71,7 @@ def test_ema_two_steps_equal_a_hand_computation(warmup: bool) -> None:
 def test_ema_every_steps_skips_updates() -> None:
     model = tiny_model()
     ema = build_ema(decay=0.5, warmup=False, every_steps=2)
-    state = SimpleNamespace(unwrapped_model=model, step=0)
+    state = SimpleNamespace(unwrapped_model=model, step=0, batch_index=1, steps_per_epoch=1, batch=(torch.randn(8, 4), None))
     ema.before_fit(state)
     w0 = snapshot(model)
     g = torch.Generator().manual_seed(2)
@@ -89,7 +89,8 @@ def test_ema_every_steps_skips_updates() -> None:
 def test_ema_is_the_model_evaluated_and_survives_a_checkpoint_round_trip() -> None:
     model = tiny_model()
     ema = build_ema(decay=0.8, warmup=True)
-    state = SimpleNamespace(unwrapped_model=model, step=0, eval_model=model)
+    state = SimpleNamespace(unwrapped_model=model, step=0, eval_model=model, batch_index=1, steps_per_epoch=1,
+                            batch=(torch.randn(8, 4), None))
     ema.before_fit(state)
     perturb(model, torch.Generator().manual_seed(3))
     state.step = 1
@@ -115,10 +116,74 @@ def test_ema_is_the_model_evaluated_and_survives_a_checkpoint_round_trip() -> No
     assert fresh.updates == 1 and fresh.current_decay() == ema.current_decay()
 
 
-@pytest.mark.parametrize("options", [{"decay": 1.0}, {"decay": -0.1}, {"every_steps": 0}])
+@pytest.mark.parametrize("options", [{"decay": 1.0}, {"decay": -0.1}, {"every_steps": 0}, {"bn_batches": -1},
+                                     {"bn_batches": 2.5}, {"bn_batches": True}])
 def test_ema_bad_options(options: dict) -> None:
     with pytest.raises(RecipeError, match="plugins.ema"):
         build_ema(**options)
+
+
+def run_epoch(ema, model: nn.Module, state, inputs: list[torch.Tensor], generator: torch.Generator) -> None:
+    """One epoch of stand-in training steps through the hooks the engine calls."""
+    state.steps_per_epoch = len(inputs)
+    ema.before_epoch(state)
+    for index, x in enumerate(inputs, start=1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator))
+        model.train()
+        model(x)
+        state.step += 1
+        state.batch_index = index
+        state.batch = (x, torch.zeros(len(x), dtype=torch.long))
+        ema.after_batch(state)
+
+
+def test_ema_batchnorm_statistics_are_re_estimated_for_the_averaged_weights() -> None:
+    """Before evaluation the averaged copy's BN running mean/var are the plain average, over the epoch's last
+    bn_batches training inputs, of the batch statistics of the *averaged* weights' own activations."""
+    model = tiny_model()
+    ema = build_ema(decay=0.9, warmup=False, bn_batches=2)
+    state = SimpleNamespace(unwrapped_model=model, step=0, batch_index=0, eval_model=model)
+    ema.before_fit(state)
+    g = torch.Generator().manual_seed(4)
+    initial = snapshot(ema.model)
+    inputs = [torch.randn(8, 4, generator=g) * (i + 1) + i for i in range(3)]
+    run_epoch(ema, model, state, inputs, g)
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):  # not copied from the trained model
+        assert torch.equal(ema.model.state_dict()[name], initial[name]), name
+    assert len(ema.recent_batches) == 2 and torch.equal(ema.recent_batches[0], inputs[1])
+
+    ema.before_eval(state)
+    assert state.eval_model is ema.model and not ema.model.training
+    with torch.no_grad():
+        pre_bn = [ema.model[0](x) for x in inputs[1:]]  # the first batch is not among the last two
+    expected_mean = torch.stack([a.mean(0) for a in pre_bn]).mean(0)
+    expected_var = torch.stack([a.var(0, unbiased=True) for a in pre_bn]).mean(0)
+    bn = ema.model[1]
+    assert torch.allclose(bn.running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, expected_var, atol=1e-4)
+    assert int(bn.num_batches_tracked) == 2 and bn.momentum == 0.1  # the layer's own momentum is restored
+    assert ema.recent_batches == []
+    assert not torch.allclose(bn.running_mean, model[1].running_mean)  # the trained model's would be wrong here
+
+
+def test_ema_keeps_only_the_current_epochs_last_batches() -> None:
+    model = tiny_model()
+    ema = build_ema(decay=0.9, bn_batches=3)
+    state = SimpleNamespace(unwrapped_model=model, step=0, batch_index=0, eval_model=model)
+    ema.before_fit(state)
+    g = torch.Generator().manual_seed(5)
+    first = [torch.randn(4, 4, generator=g) for _ in range(2)]  # an epoch shorter than bn_batches: all of it
+    run_epoch(ema, model, state, first, g)
+    assert [torch.equal(a, b) for a, b in zip(ema.recent_batches, first, strict=True)] == [True, True]
+    second = [torch.randn(4, 4, generator=g) for _ in range(5)]
+    run_epoch(ema, model, state, second, g)  # before_epoch dropped the first epoch's batches
+    assert len(ema.recent_batches) == 3
+    assert all(torch.equal(a, b) for a, b in zip(ema.recent_batches, second[2:], strict=True))
+    kept = ema.recent_batches[-1]
+    second[-1].add_(100.0)  # a loader reusing its output buffer must not change what was kept
+    assert not torch.equal(kept, second[-1])
 
 
 # --- TTA ----------------------------------------------------------------------------------------
