@@ -303,3 +303,38 @@ def test_no_decay_group_holds_exactly_the_one_dimensional_params() -> None:
     assert {id(p) for p in adamw.param_groups[1]["params"]} == one_d and adamw.param_groups[1]["weight_decay"] == 0.0
     (everything,) = build_sgd(model, weight_decay=5e-4).param_groups  # SGD's default decays all
     assert everything["weight_decay"] == 5e-4 and len(everything["params"]) == len(list(model.parameters()))
+
+
+def test_ema_batchnorm_benchmark_reproduces_the_logged_accuracy(tmp_path, capsys) -> None:
+    """benchmarks/ema_batchnorm.py evaluates a run's checkpoint as the run did: with bn_batches=0 (statistics
+    copied, the plugin's old behaviour) its 'as saved' figure is the run's logged test accuracy."""
+    import importlib.util as util
+    from pathlib import Path
+
+    from microtrain.run import run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "name": "ema_bn", "epochs": 1, "threads": 1, "device": "cpu",
+        "data": {"name": "synthetic", "train_size": 256, "test_size": 64},
+        "model": {"name": "dsresnet", "widths": [8, 16], "blocks": [1, 1]},
+        "loader": {"name": "tensor", "batch_size": 32, "augment": [{"HorizontalFlip": {"p": 0.5}}]},
+        "optimizer": {"name": "sgd", "lr": 0.1}, "schedule": {"name": "constant"},
+        "plugins": ["metrics", "checkpoint", {"ema": {"decay": 0.9, "bn_batches": 0}}, "tta"],
+    }))
+    assert run(recipe, [], run_dir=tmp_path / "run") == 0
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ema_batchnorm.py"
+    spec = util.spec_from_file_location("ema_batchnorm", path)
+    bench = util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out.json"
+    assert bench.main([str(tmp_path / "run"), "--bn-batches", "2", "8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["ema_saved_batchnorm"] == pytest.approx(logged["test_acc"])
+    assert result["ema_saved_batchnorm_test_loss"] == pytest.approx(logged["test_loss"], rel=1e-5)  # same TTA, too
+    assert result["epoch"] == 1 and result["ema_updates"] == 8
+    assert set(result["ema_reestimated_batchnorm"]) == {"2", "8"}
+    assert all(0 <= entry["test_acc"] <= 100 for entry in result["ema_reestimated_batchnorm"].values())
+    assert "re-estimated" in capsys.readouterr().out

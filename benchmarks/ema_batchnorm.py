@@ -1,0 +1,94 @@
+"""What the EMA model's BatchNorm statistics are worth: re-evaluate a run's checkpoint three ways.
+
+    python benchmarks/ema_batchnorm.py runs/dsresnet-50ep data.root=../shared/data --json out.json
+
+Evaluates, through the engine's own test pass (the recipe's loader, precision and ``tta`` plugin):
+1. the raw trained weights (the checkpoint's ``model``),
+2. the EMA weights with the BatchNorm statistics saved beside them in the checkpoint
+   (before the fix in plugins/ema.py these were copied from the trained model),
+3. the EMA weights with their BatchNorm statistics re-estimated from N augmented training batches of
+   the run's last epoch, for each N of ``--bn-batches`` (what the ``ema`` plugin now does with
+   ``bn_batches``).
+
+The recipe is the run dir's ``recipe.yaml``; overrides after the run dir change it (``data.root``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from microtrain.checkpoint import load_checkpoint
+from microtrain.engine import Engine, build_state, enable_plugins
+from microtrain.run import prepare_recipe
+from plugins.ema import reestimate_batchnorm
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run dir with recipe.yaml and checkpoints/")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.root=../shared/data")
+    parser.add_argument("--checkpoint", default="last.pt", help="file in RUN_DIR/checkpoints (default last.pt)")
+    parser.add_argument("--bn-batches", type=int, nargs="+", default=[5, 20, 80])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    checkpoint = load_checkpoint(args.run_dir / "checkpoints" / args.checkpoint)
+    saved_ema = checkpoint.get("plugins", {}).get("ema")
+    if saved_ema is None:
+        print(f"{args.checkpoint} has no EMA weights: the run did not use the ema plugin", file=sys.stderr)
+        return 2
+    recipe, pm, registry = prepare_recipe(args.run_dir / "recipe.yaml", args.overrides)
+    recipe["plugins"] = [p for p in recipe["plugins"] if (next(iter(p)) if isinstance(p, dict) else p) == "tta"]
+    enable_plugins(recipe, pm, registry)  # only tta: its predict hook is part of the test pass
+    state = build_state(recipe, args.run_dir, pm, registry)
+    engine = Engine(state, pm)
+    model = state.unwrapped_model
+
+    def accuracy() -> float:
+        metrics = engine.evaluate(model)
+        last_loss[0] = metrics["test_loss"]
+        return metrics["test_acc"]
+
+    last_loss = [float("nan")]
+
+    results: dict[str, object] = {"run_dir": str(args.run_dir), "checkpoint": args.checkpoint,
+                                  "epoch": checkpoint["epoch"], "ema_updates": saved_ema["updates"]}
+    model.load_state_dict(checkpoint["model"])
+    results["raw_weights"] = accuracy()
+    model.load_state_dict(saved_ema["state_dict"])
+    results["ema_saved_batchnorm"] = accuracy()
+    results["ema_saved_batchnorm_test_loss"] = last_loss[0]
+
+    state.train_loader.set_epoch(max(int(checkpoint["epoch"]), 1))
+    batches: list[torch.Tensor] = []
+    for images, _ in state.train_loader:
+        batches.append(images)
+        if len(batches) == max(args.bn_batches):
+            break
+    reestimated = {}
+    for count in args.bn_batches:
+        model.load_state_dict(saved_ema["state_dict"])
+        start = time.perf_counter()
+        reestimate_batchnorm(model, batches[:count])
+        seconds = time.perf_counter() - start
+        reestimated[str(count)] = {"test_acc": accuracy(), "seconds": round(seconds, 2)}
+    results["ema_reestimated_batchnorm"] = reestimated
+
+    print(f"{args.run_dir} ({args.checkpoint}, epoch {checkpoint['epoch']}): test accuracy %")
+    print(f"  raw trained weights                 {results['raw_weights']:.2f}")
+    print(f"  EMA, BatchNorm statistics as saved  {results['ema_saved_batchnorm']:.2f}")
+    for count, entry in reestimated.items():
+        print(f"  EMA, BatchNorm re-estimated, {count:>3} batches  {entry['test_acc']:.2f}  ({entry['seconds']} s)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
