@@ -50,20 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(state, pm)
     model = state.unwrapped_model
 
-    def accuracy() -> float:
-        metrics = engine.evaluate(model)
-        last_loss[0] = metrics["test_loss"]
-        return metrics["test_acc"]
-
-    last_loss = [float("nan")]
-
     results: dict[str, object] = {"run_dir": str(args.run_dir), "checkpoint": args.checkpoint,
                                   "epoch": checkpoint["epoch"], "ema_updates": saved_ema["updates"]}
     model.load_state_dict(checkpoint["model"])
-    results["raw_weights"] = accuracy()
+    results["raw_weights"] = engine.evaluate(model)["test_acc"]
     model.load_state_dict(saved_ema["state_dict"])
-    results["ema_saved_batchnorm"] = accuracy()
-    results["ema_saved_batchnorm_test_loss"] = last_loss[0]
+    saved = engine.evaluate(model)
+    results["ema_saved_batchnorm"] = saved["test_acc"]
+    results["ema_saved_batchnorm_test_loss"] = saved["test_loss"]
 
     state.train_loader.set_epoch(max(int(checkpoint["epoch"]), 1))
     batches: list[torch.Tensor] = []
@@ -77,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         reestimate_batchnorm(model, batches[:count])
         seconds = time.perf_counter() - start
-        reestimated[str(count)] = {"test_acc": accuracy(), "seconds": round(seconds, 2)}
+        reestimated[str(count)] = {"test_acc": engine.evaluate(model)["test_acc"], "seconds": round(seconds, 2)}
     results["ema_reestimated_batchnorm"] = reestimated
 
     print(f"{args.run_dir} ({args.checkpoint}, epoch {checkpoint['epoch']}): test accuracy %")

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 
 import microtrain
 from microtrain.errors import RecipeError
@@ -39,23 +40,10 @@ def batchnorm_buffer_names(model: torch.nn.Module) -> set[str]:
             for name, _ in module.named_buffers(recurse=False)}
 
 
-@torch.no_grad()
 def reestimate_batchnorm(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
-    """Replace every BatchNorm layer's running statistics by their plain average over ``batches``."""
-    layers = [module for module in model.modules() if isinstance(module, _BatchNorm)]
-    momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None  # cumulative average over the batches instead of an exponential one
-    was_training = model.training
-    model.train()
-    try:
-        for images in batches:
-            model(images)
-    finally:
-        model.train(was_training)
-        for layer, momentum in zip(layers, momenta, strict=True):
-            layer.momentum = momentum
+    """Replace every BatchNorm layer's running statistics by their plain average over ``batches``
+    (torch's SWA helper: reset, cumulative momentum, forward passes without gradients, momenta and mode restored)."""
+    update_bn(batches, model)
 
 
 class EMA:
