@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+from microtrain_plugins.callbacks.ema import reestimate_batchnorm
 
 from microtrain.checkpoint import load_checkpoint
 from microtrain.engine import Engine, build_state, enable_plugins
 from microtrain.run import prepare_recipe
-from plugins.ema import reestimate_batchnorm
 
 
 def main(argv: list[str] | None = None) -> int:

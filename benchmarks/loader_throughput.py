@@ -104,7 +104,7 @@ def cifar_roots(root: str | None) -> list[Path]:
 
 def load_data(root: str | None, limit: int) -> tuple[ImageData, str]:
     """The real CIFAR-10 training split when present, else synthetic images of the same shape."""
-    from plugins.cifar10 import build_cifar10, find_folder
+    from microtrain_plugins.data.cifar10 import build_cifar10, find_folder
 
     for base in cifar_roots(root):
         if find_folder(base) is not None:
@@ -113,7 +113,7 @@ def load_data(root: str | None, limit: int) -> tuple[ImageData, str]:
     if root:
         raise MicrotrainError(f"--data-root {root}: no cifar-10-batches-bin/ with the 6 batch files there; "
                               "fix the path or leave --data-root out to use synthetic images")
-    from plugins.synthetic import build_synthetic
+    from microtrain_plugins.data.synthetic import build_synthetic
 
     data = build_synthetic(train_size=limit or 50_000, test_size=1, image_size=32)
     return data, "synthetic 32x32x3 (no CIFAR-10 copy found)"

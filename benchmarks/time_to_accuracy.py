@@ -71,7 +71,7 @@ def train_seed(recipe: str, seed: int, overrides: list[str], run_dir: Path, plug
 
 def analyse(run_dir: Path, target: float) -> dict[str, Any]:
     """Epoch and wall time at which test accuracy first reached ``target``, final and best accuracy."""
-    from plugins.metrics_log import read_metrics
+    from microtrain_plugins.callbacks.metrics_log import read_metrics
 
     rows = read_metrics(run_dir)
     timed = all(row.get("wall_seconds") is not None for row in rows)

@@ -5,6 +5,12 @@ A component is a plain callable. Its *keyword-only* parameters are its recipe op
 type hints are what the recipe is validated against, their defaults are the defaults, and a
 keyword-only parameter with no default is a required option. Positional parameters are the
 context the engine passes (for example the model's ``num_classes``).
+
+A rule beyond the type is declared with the option, so it is checked when the recipe is
+resolved (before any run dir exists) and ``microtrain plugins`` shows it:
+
+    def build_sgd(model, *, lr: Annotated[float, Range(gt=0)] = 0.05,
+                  augment: Annotated[list, Check(parse_augment_list, "albumentations transforms")] = ()): ...
 """
 
 from __future__ import annotations
@@ -21,6 +27,46 @@ from microtrain.errors import RecipeError, did_you_mean
 KINDS = ("model", "data", "loader", "optimizer", "schedule", "callback")
 
 _MISSING = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds on a number option: ``Annotated[float, Range(gt=0, lt=1)]``."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def check(self, value: Any, where: str) -> Any:
+        if value is None:
+            return value
+        fits = (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt) and \
+            (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        if not fits:
+            raise RecipeError(f"{where}: must be {self.describe()}, got {value!r}; fix the value in the recipe "
+                              f"or override it as {where}=VALUE")
+        return value
+
+    def describe(self) -> str:
+        parts = [f"{word} {bound:g}" for bound, word in ((self.ge, ">="), (self.gt, ">"), (self.le, "<="), (self.lt, "<"))
+                 if bound is not None]
+        return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class Check:
+    """Any rule on an option's value: ``function(value, where)`` returns the value (possibly normalised)
+    or raises RecipeError naming ``where``; ``description`` is what ``microtrain plugins`` shows."""
+
+    function: Callable[[Any, str], Any]
+    description: str
+
+    def check(self, value: Any, where: str) -> Any:
+        return self.function(value, where)
+
+    def describe(self) -> str:
+        return self.description
 
 
 @dataclass(frozen=True)
@@ -79,7 +125,7 @@ class Component:
 def options_of(factory: Callable) -> dict[str, Option]:
     """Read a factory's keyword-only parameters as recipe options."""
     target = factory.__init__ if inspect.isclass(factory) else factory
-    hints = typing.get_type_hints(target)
+    hints = typing.get_type_hints(target, include_extras=True)
     opts = {}
     for param in inspect.signature(target).parameters.values():
         if param.kind is inspect.Parameter.KEYWORD_ONLY:
@@ -145,6 +191,10 @@ class Registry:
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *rules = typing.get_args(annotation)
+        described = [rule.describe() for rule in rules if hasattr(rule, "describe")]
+        return " ".join([_type_name(base), *described])
     if annotation is Any:
         return "any"
     if isinstance(annotation, type):
@@ -157,6 +207,13 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Any:
         return value
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        base, *rules = typing.get_args(annotation)
+        value = check_type(value, base, where)
+        for rule in rules:
+            if hasattr(rule, "check"):
+                value = rule.check(value, where)
+        return value
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         for arg in args:

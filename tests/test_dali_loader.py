@@ -16,15 +16,15 @@ import yaml
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from conftest import REPO, real_cifar_root  # noqa: E402
+from microtrain_plugins.callbacks.metrics_log import read_metrics  # noqa: E402
+from microtrain_plugins.loaders.augment_spec import canonical_transforms  # noqa: E402
+from microtrain_plugins.loaders.dali_loader import affine_matrices, build_dali_loader, draw_params  # noqa: E402
 
 from microtrain.cli import main  # noqa: E402
 from microtrain.errors import MicrotrainError, RecipeError  # noqa: E402
 from microtrain.recipe import load_recipe_file  # noqa: E402
 from microtrain.sampling import epoch_batches  # noqa: E402
 from microtrain.state import LoaderContext  # noqa: E402
-from plugins.augment_spec import canonical_transforms  # noqa: E402
-from plugins.dali_loader import affine_matrices, build_dali_loader, draw_params  # noqa: E402
-from plugins.metrics_log import read_metrics  # noqa: E402
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)

@@ -108,7 +108,7 @@ import torch
 
 import microtrain
 from microtrain.state import ImageData
-from plugins.synthetic import make_images
+from microtrain_plugins.data.synthetic import make_images
 
 SEEN = {}
 
@@ -197,7 +197,7 @@ def single_process_eval(tmp_path: Path, checkpoint: Path) -> tuple[float, float,
     """Test loss, accuracy and confusion of a checkpoint, computed here in one plain process."""
     import importlib.util
 
-    from plugins.dsconv import build_dsconv
+    from microtrain_plugins.models.dsconv import build_dsconv
 
     spec = importlib.util.spec_from_file_location("dist_probe_here", tmp_path / "dist_probe.py")
     dist_probe = importlib.util.module_from_spec(spec)

@@ -14,10 +14,11 @@ from torch import nn
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from microtrain_plugins.callbacks.ema import build_ema  # noqa: E402
+from microtrain_plugins.callbacks.tta import build_tta  # noqa: E402
+from microtrain_plugins.optim import build_adamw, build_sgd, parameter_groups  # noqa: E402
+
 from microtrain.errors import RecipeError  # noqa: E402
-from plugins.ema import build_ema  # noqa: E402
-from plugins.optim import build_adamw, build_sgd, parameter_groups  # noqa: E402
-from plugins.tta import build_tta  # noqa: E402
 
 
 def tiny_model() -> nn.Module:
@@ -220,10 +221,11 @@ def test_tta_off_defers_to_the_plain_forward() -> None:
 
 def test_run_evaluates_ema_weights_with_flip_tta(tmp_path) -> None:
     """The logged test loss is that of the EMA weights with flip-averaged logits, not of the raw model."""
+    from microtrain_plugins.data.synthetic import build_synthetic
+    from microtrain_plugins.models.dsconv import build_dsconv
+
     from microtrain.checkpoint import load_checkpoint
     from microtrain.run import run
-    from plugins.dsconv import build_dsconv
-    from plugins.synthetic import build_synthetic
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({
@@ -285,7 +287,7 @@ def test_ema_continues_exactly_after_resume(tmp_path) -> None:
 # --- weight-decay exclusions ---------------------------------------------------------------------
 
 def test_no_decay_group_holds_exactly_the_one_dimensional_params() -> None:
-    from plugins.dsconv import build_dsconv
+    from microtrain_plugins.models.dsconv import build_dsconv
 
     model = build_dsconv(10, (3, 32, 32))
     decay, no_decay = parameter_groups(model, 5e-4, decay_norm_and_bias=False)

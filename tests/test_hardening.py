@@ -21,14 +21,14 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from microtrain_plugins.data import cifar10
+from microtrain_plugins.data.safe_archive import extract_tar_safely
 
 from microtrain.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from microtrain.cli import main
 from microtrain.errors import DataError, MicrotrainError
 from microtrain.plugin_manager import create_plugin_manager
 from microtrain.recipe import apply_overrides, dump_recipe, parse_recipe_text, resolve_recipe
-from plugins import cifar10
-from plugins.safe_archive import extract_tar_safely
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -439,7 +439,7 @@ def test_unwritable_run_dir_fails_before_training(tmp_path, tiny, capsys):
 def test_too_little_disk_space_fails_before_training(tmp_path, tiny, monkeypatch, capsys):
     import shutil
 
-    from plugins import checkpointing
+    from microtrain_plugins.callbacks import checkpointing
 
     run_dir = tmp_path / "run"
     monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1000))

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 from conftest import REPO
+from microtrain_plugins.models.dsconv import build_dsconv
 
 from microtrain.inspect_model import layer_table
-from plugins.dsconv import build_dsconv
 
 
 def test_dsconv_size_and_output():
@@ -53,8 +53,9 @@ def test_inspect_command_json():
 
 
 def test_dsresnet_size_output_and_options():
+    from microtrain_plugins.models.dsresnet import build_dsresnet
+
     from microtrain.errors import RecipeError
-    from plugins.dsresnet import build_dsresnet
 
     model = build_dsresnet(10, (3, 32, 32))
     assert sum(p.numel() for p in model.parameters()) == 97_610  # the <= 105K-parameter goal
@@ -69,7 +70,7 @@ def test_dsresnet_size_output_and_options():
 
 def test_dsresnet_blocks_start_as_the_identity():
     """The last BN of each block starts at zero, so a fresh block passes a non-negative input through."""
-    from plugins.dsresnet import SeparableResidualBlock
+    from microtrain_plugins.models.dsresnet import SeparableResidualBlock
 
     block = SeparableResidualBlock(8, 8).eval()
     x = torch.rand(2, 8, 6, 6)
@@ -83,7 +84,7 @@ def test_receptive_fields_follow_residual_branches():
     Stage 3: 29 (jump 4), 37, 45, 53. 1x1 convolutions add nothing; a shortcut's 1x1 convolution runs
     after its block's main path but sees the block's input (11 and 25), and the sum after it takes
     the larger field, so the blocks after it continue from the main path."""
-    from plugins.dsresnet import build_dsresnet
+    from microtrain_plugins.models.dsresnet import build_dsresnet
 
     rows, totals = layer_table(build_dsresnet(10, (3, 32, 32)), (3, 32, 32))
     depthwise = [row.receptive_field for row in rows if row.kind.startswith("Conv 3x3") and " g" in row.kind]

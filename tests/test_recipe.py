@@ -117,8 +117,9 @@ def test_seed_recipe_matches_the_seed_document():
 
 def test_albumentations_argument_it_does_not_know_is_an_error(tiny_recipe):
     """albumentations 2.x only warns about old names such as max_holes; microtrain refuses them."""
+    from microtrain_plugins.loaders.albumentations_loader import build_transforms
+
     from microtrain.engine import build_state  # noqa: F401 - the loader validates when built
-    from plugins.albumentations_loader import build_transforms
 
     with pytest.raises(RecipeError, match="CoarseDropout has no argument 'max_holes'.*num_holes_range"):
         build_transforms([{"CoarseDropout": {"max_holes": 1}}])
@@ -129,7 +130,7 @@ def test_albumentations_argument_it_does_not_know_is_an_error(tiny_recipe):
 
 
 def test_canonical_affine_refuses_what_dali_and_tensor_cannot_express():
-    from plugins.augment_spec import AffineSpec, canonical_transforms
+    from microtrain_plugins.loaders.augment_spec import AffineSpec, canonical_transforms
 
     with pytest.raises(RecipeError, match="draws x and y scale independently.*keep_ratio: true"):
         canonical_transforms([{"Affine": {"scale": [0.9, 1.1]}}], "tensor")

@@ -23,8 +23,9 @@ from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from microtrain_plugins.callbacks import report as rp  # noqa: E402
+
 from microtrain.cli import main  # noqa: E402
-from plugins import report as rp  # noqa: E402
 
 PNGS = ("curves.png", "per_class.png", "confusion.png", "misclassified.png", "augmentations.png")
 SAMPLES = 24  # report's samples option in the fixture run (the batch holds 32)
@@ -129,10 +130,11 @@ def test_every_file_is_produced_and_each_png_has_its_size(finished_run: Path) ->
 
 def test_loader_samples_are_the_first_batch_in_real_colours() -> None:
     """De-normalising the loader's batch gives back the dataset's uint8 pixels of that batch."""
+    from microtrain_plugins.data.synthetic import build_synthetic
+    from microtrain_plugins.loaders.albumentations_loader import build_albumentations_loader
+
     from microtrain.sampling import epoch_batches
     from microtrain.state import LoaderContext
-    from plugins.albumentations_loader import build_albumentations_loader
-    from plugins.synthetic import build_synthetic
 
     data = build_synthetic(train_size=64, test_size=8, image_size=16)
     context = LoaderContext(images=data.train_images, labels=data.train_labels, train=True, device=torch.device("cpu"),
@@ -147,7 +149,7 @@ def test_loader_samples_are_the_first_batch_in_real_colours() -> None:
 
 def test_augmentations_png_is_in_real_colours(finished_run: Path) -> None:
     """The synthetic classes' coloured squares appear in the picture with their true RGB values."""
-    from plugins.synthetic import build_synthetic
+    from microtrain_plugins.data.synthetic import build_synthetic
 
     data = build_synthetic(train_size=256, test_size=128, image_size=16)
     with Image.open(finished_run / "report" / "augmentations.png") as image:

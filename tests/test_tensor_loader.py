@@ -13,11 +13,12 @@ import torch
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from microtrain_plugins.loaders.albumentations_loader import build_albumentations_loader  # noqa: E402
+from microtrain_plugins.loaders.tensor_loader import affine, affine_theta, build_tensor_loader, sampling_grid  # noqa: E402
+
 from microtrain.errors import RecipeError  # noqa: E402
 from microtrain.sampling import epoch_batches  # noqa: E402
 from microtrain.state import LoaderContext  # noqa: E402
-from plugins.albumentations_loader import build_albumentations_loader  # noqa: E402
-from plugins.tensor_loader import affine, affine_theta, build_tensor_loader, sampling_grid  # noqa: E402
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)

@@ -70,7 +70,7 @@ class TensorBoardLogger:
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"per_class/{name}", value, step)
         if self.images and m.get("confusion") is not None:
-            from plugins.report import confusion_figure, figure_rgb
+            from microtrain_plugins.callbacks.report import confusion_figure, figure_rgb
 
             fig = confusion_figure(m["confusion"], state.data.classes, f"confusion matrix, epoch {state.epoch}")
             self.writer.add_image("confusion", figure_rgb(fig), step, dataformats="HWC")
@@ -88,7 +88,7 @@ class TensorBoardLogger:
             self._close()
 
     def _log_mistakes(self, state) -> None:
-        from plugins import report
+        from microtrain_plugins.callbacks import report
 
         classes = state.data.classes
         found = state.extras.get("report_predictions")

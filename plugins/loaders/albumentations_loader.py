@@ -18,12 +18,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over 
 
 import numpy as np
 import torch
+from microtrain_plugins.loaders.augment_spec import parse_augment_list
 
 import microtrain
 from microtrain.errors import RecipeError
 from microtrain.sampling import EpochBatches, batch_seed
 from microtrain.state import LoaderContext
-from plugins.augment_spec import parse_augment_list
 
 
 def build_transforms(entries: list[Any], where: str = "loader.augment"):

@@ -18,12 +18,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from microtrain_plugins.loaders.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
 
 import microtrain
 from microtrain.errors import MicrotrainError, RecipeError
 from microtrain.sampling import EpochBatches, batch_seed
 from microtrain.state import LoaderContext
-from plugins.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
 
 INSTALL_HINT = 'pip install -e ".[dali]"'
 

@@ -420,7 +420,7 @@ def _reference(recipe: dict[str, Any]) -> tuple[dict[str, float], str]:
 
 def _summary(history: list[dict]) -> dict[str, Any]:
     """Best / last-5 / final test accuracy and throughput (via the summary plugin's summarize)."""
-    from plugins.summary import summarize
+    from microtrain_plugins.callbacks.summary import summarize
 
     numeric = ("test_acc", "epoch_seconds", "train_images_per_second")
     clean = [{**row, **{k: _number(row.get(k)) for k in numeric}} for row in history]
@@ -742,7 +742,7 @@ def build_report(*, mistakes: int = 24, samples: int = 32) -> Report:
 
 def report_run_dir(run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Rebuild data, loaders and model from ``run_dir`` and write its report again (no training)."""
-    from plugins.metrics_log import read_metrics
+    from microtrain_plugins.callbacks.metrics_log import read_metrics
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

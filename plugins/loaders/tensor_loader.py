@@ -8,7 +8,7 @@ broadcast index comparisons). On a GPU the images never leave the device; on a C
 the DataLoader's inter-process copies.
 
 The recipe's ``augment`` list is the same as for the other loaders; it is validated by
-albumentations and read back as loader-neutral specs (plugins.augment_spec), so an argument means
+albumentations and read back as loader-neutral specs (microtrain_plugins.loaders.augment_spec), so an argument means
 the same thing here. Sample order comes from microtrain.sampling.epoch_batches and every batch's
 random draws from a generator seeded with microtrain.sampling.batch_seed(seed, epoch, batch, rank):
 results depend only on (seed, epoch, batch), so resuming mid-epoch reproduces the same batches.
@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from microtrain_plugins.loaders.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
 
 import microtrain
 from microtrain.errors import RecipeError
 from microtrain.sampling import EpochBatches, batch_seed
 from microtrain.state import LoaderContext
-from plugins.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
 
 LUMA = (0.299, 0.587, 0.114)
 

@@ -114,8 +114,7 @@ def canonical_transforms(entries: list[Any], loader: str, where: str = "loader.a
     A transform or argument value the canonical form cannot express is an error naming the
     transform and the loader, never silently dropped."""
     import albumentations as A
-
-    from plugins.albumentations_loader import build_transforms
+    from microtrain_plugins.loaders.albumentations_loader import build_transforms
 
     parsed = parse_augment_list(entries, where)
     specs: list[Spec] = []

@@ -1,0 +1,1 @@
+"""Models: network architectures a recipe picks with ``model.name``."""
