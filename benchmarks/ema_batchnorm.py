@@ -5,10 +5,10 @@
 Evaluates, through the engine's own test pass (the recipe's loader, precision and ``tta`` plugin):
 1. the raw trained weights (the checkpoint's ``model``),
 2. the EMA weights with the BatchNorm statistics saved beside them in the checkpoint
-   (before the fix in plugins/ema.py these were copied from the trained model),
+   (what the ``ema`` callback's ``bn_batches: 0`` gives: statistics copied from the trained model),
 3. the EMA weights with their BatchNorm statistics re-estimated from N augmented training batches of
-   the run's last epoch, for each N of ``--bn-batches`` (what the ``ema`` plugin now does with
-   ``bn_batches``).
+   the run's last epoch, for each N of ``--bn-batches`` (what the ``ema`` callback does with
+   ``bn_batches: N``).
 
 The recipe is the run dir's ``recipe.yaml``; overrides after the run dir change it (``data.root``).
 """
@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from microtrain_plugins.callbacks.ema import reestimate_batchnorm
 
-from microtrain.checkpoint import load_checkpoint
-from microtrain.engine import Engine, build_state, enable_plugins
-from microtrain.run import prepare_recipe
+import microtrain
+from microtrain_plugins.callbacks.ema import reestimate_batchnorm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,16 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    checkpoint = load_checkpoint(args.run_dir / "checkpoints" / args.checkpoint)
+    checkpoint = microtrain.load_checkpoint(args.run_dir / "checkpoints" / args.checkpoint)
     saved_ema = checkpoint.get("plugins", {}).get("ema")
     if saved_ema is None:
         print(f"{args.checkpoint} has no EMA weights: the run did not use the ema plugin", file=sys.stderr)
         return 2
-    recipe, pm, registry = prepare_recipe(args.run_dir / "recipe.yaml", args.overrides)
-    recipe["plugins"] = [p for p in recipe["plugins"] if (next(iter(p)) if isinstance(p, dict) else p) == "tta"]
-    enable_plugins(recipe, pm, registry)  # only tta: its predict hook is part of the test pass
-    state = build_state(recipe, args.run_dir, pm, registry)
-    engine = Engine(state, pm)
+    # Only tta (when the recipe has it): its predict hook is part of the test pass; the weights are set below.
+    run = microtrain.build_run(args.run_dir / "recipe.yaml", args.overrides, run_dir=args.run_dir, callbacks=["tta"])
+    state, engine = run.state, run.engine
     model = state.unwrapped_model
 
     results: dict[str, object] = {"run_dir": str(args.run_dir), "checkpoint": args.checkpoint,

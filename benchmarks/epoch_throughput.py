@@ -22,7 +22,6 @@ Extra ``key=value`` arguments are recipe overrides for every run (e.g. ``precisi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import importlib.util
@@ -42,10 +41,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import microtrain  # noqa: E402
-from microtrain.engine import Engine, build_state, configure_threads, enable_plugins  # noqa: E402
-from microtrain.errors import MicrotrainError  # noqa: E402
-from microtrain.run import prepare_recipe  # noqa: E402
-from microtrain.state import State  # noqa: E402
+from microtrain import MicrotrainError, Run, State  # noqa: E402
+from microtrain.assembly import configure_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LOADERS = ["albumentations", "tensor", "dali"]
@@ -105,41 +102,37 @@ def overrides_for(loader: str, args: argparse.Namespace) -> list[str]:
             "plugins=[progress, metrics]", *data, *args.overrides]
 
 
-def build(loader: str, args: argparse.Namespace, run_dir: Path, with_plugins: bool):
-    recipe, pm, registry = prepare_recipe(args.recipe, overrides_for(loader, args))
-    if with_plugins:
-        enable_plugins(recipe, pm, registry)
-    state = build_state(recipe, run_dir, pm, registry)
+def build(loader: str, args: argparse.Namespace, run_dir: Path, with_plugins: bool, **options: Any) -> Run:
+    run = microtrain.build_run(args.recipe, overrides_for(loader, args), run_dir=run_dir,
+                               callbacks="all" if with_plugins else "none", **options)
     total = args.warmup + args.steps
-    state.train_loader = Take(state.train_loader, total)
-    state.test_loader = Take(state.test_loader, 1)  # evaluation is not timed; keep it short
-    state.steps_per_epoch = total
-    return recipe, pm, state
+    run.state.train_loader = Take(run.state.train_loader, total)
+    run.state.test_loader = Take(run.state.test_loader, 1)  # evaluation is not timed; keep it short
+    run.state.steps_per_epoch = total
+    return run
 
 
 def time_microtrain(loader: str, args: argparse.Namespace) -> float:
     """Seconds for the timed steps through Engine.fit (hooks, progress and metrics callbacks on)."""
     with tempfile.TemporaryDirectory(prefix="epoch-throughput-") as tmp:
-        _, pm, state = build(loader, args, Path(tmp), with_plugins=True)
         clock = Clock(args.warmup)
-        pm.register(clock, name="benchmark-clock")
-        Engine(state, pm).fit()
+        build(loader, args, Path(tmp), with_plugins=True, extra_plugins={"benchmark-clock": clock}).engine.fit()
         return clock.stop - clock.start
 
 
 def time_bare(loader: str, args: argparse.Namespace) -> float:
     """Seconds for the timed steps through a minimal hand-written loop over the same components."""
     with tempfile.TemporaryDirectory(prefix="epoch-throughput-") as tmp:
-        recipe, _, state = build(loader, args, Path(tmp), with_plugins=False)
+        run = build(loader, args, Path(tmp), with_plugins=False)
+    recipe, state = run.recipe, run.state
     model, optimizer, scheduler, device = state.model, state.optimizer, state.scheduler, state.device
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe["precision"]]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16 and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe["precision"] == "fp16" and device.type == "cuda")
     smoothing = recipe["label_smoothing"]
     model.train()
     state.train_loader.set_epoch(1)
     start = None
     for number, (images, labels) in enumerate(state.train_loader, 1):
-        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        with microtrain.autocast(device, recipe["precision"]):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -159,7 +152,8 @@ def train_step_flops(loader: str, args: argparse.Namespace) -> tuple[float, torc
     from torch.utils.flop_counter import FlopCounterMode
 
     with tempfile.TemporaryDirectory(prefix="epoch-throughput-") as tmp:
-        recipe, _, state = build(loader, args, Path(tmp), with_plugins=False)
+        run = build(loader, args, Path(tmp), with_plugins=False)
+    recipe, state = run.recipe, run.state
     model = copy.deepcopy(state.unwrapped_model).train()
     images, labels = next(iter(state.train_loader))
     counter = FlopCounterMode(display=False)

@@ -7,7 +7,6 @@ precision, torch.compile, batch size), data loading left out. Used to pick the d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -16,7 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from microtrain.run import prepare_recipe
+import microtrain
+from microtrain.assembly import prepare_recipe
 
 VARIANTS = [
     {"threads": 2, "channels_last": True, "precision": "fp32", "compile": False, "batch_size": 128},
@@ -43,12 +43,10 @@ def measure(recipe: dict, registry, variant: dict, steps: int, warmup: int) -> f
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     forward = torch.compile(model) if variant["compile"] else model
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if variant["precision"] == "bf16"
-                else contextlib.nullcontext())
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        with autocast:
+        with microtrain.autocast(torch.device("cpu"), variant["precision"]):
             logits = forward(images)
         loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)

@@ -47,11 +47,12 @@ def on_eval(state) -> None:
 
 def plugin_list(recipe_path: str, overrides: list[str]) -> list[Any]:
     """The recipe's resolved plugins plus metrics (needed) and this module (the clock)."""
-    from microtrain.run import prepare_recipe
+    from microtrain import plugin_entries
+    from microtrain.assembly import prepare_recipe
 
     recipe, _, _ = prepare_recipe(recipe_path, overrides)
     plugins = list(recipe["plugins"])
-    names = [next(iter(p)) if isinstance(p, dict) else p for p in plugins]
+    names = [name for name, _ in plugin_entries(plugins)]
     if "metrics" not in names:
         plugins.append("metrics")
     return [*plugins, PLUGIN_MODULE]

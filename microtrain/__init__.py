@@ -1,12 +1,32 @@
 """microtrain: a small, plugin-based PyTorch framework for training image classifiers from a YAML recipe.
 
-Write a plugin with ``@microtrain.hookimpl`` functions; see microtrain.hookspecs for the hooks.
+What a plugin (or a script) may use is exported here; everything else in the package is the core's own.
+Write a plugin with ``@microtrain.hookimpl`` functions (see microtrain.hookspecs for the hooks); build
+and train or evaluate a run from a recipe with :func:`build_run`.
 """
 
+from microtrain.assembly import Run, build_run
+from microtrain.checkpoint import atomic_save, load_checkpoint, make_checkpoint
 from microtrain.components import Check, Range
-from microtrain.errors import MicrotrainError
+from microtrain.engine import Engine, autocast, evaluate
+from microtrain.errors import (
+    CheckpointError,
+    DataError,
+    Interrupted,
+    MicrotrainError,
+    PluginError,
+    RecipeError,
+    TrainingStopped,
+    did_you_mean,
+)
 from microtrain.hookspecs import hookimpl, hookspec
+from microtrain.recipe import dump_recipe, plugin_entries
 from microtrain.state import ImageData, LoaderContext, State
 
 __version__ = "0.1.0"
-__all__ = ["Check", "hookimpl", "hookspec", "ImageData", "LoaderContext", "MicrotrainError", "Range", "State", "__version__"]
+__all__ = [
+    "Check", "CheckpointError", "DataError", "Engine", "ImageData", "Interrupted", "LoaderContext", "MicrotrainError",
+    "PluginError", "Range", "RecipeError", "Run", "State", "TrainingStopped", "__version__", "atomic_save", "autocast",
+    "build_run", "did_you_mean", "dump_recipe", "evaluate", "hookimpl", "hookspec", "load_checkpoint",
+    "make_checkpoint", "plugin_entries",
+]

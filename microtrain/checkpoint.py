@@ -22,13 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from microtrain.errors import MicrotrainError
+from microtrain.errors import CheckpointError
 
 FORMAT = 1
-
-
-class CheckpointError(MicrotrainError):
-    """A checkpoint is missing, corrupt, or not a microtrain checkpoint."""
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -103,12 +99,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def make_checkpoint(state, pm, mid_epoch: bool = False) -> dict[str, Any]:
+def make_checkpoint(state, mid_epoch: bool = False) -> dict[str, Any]:
     """Assemble the checkpoint of ``state`` at the end of ``state.epoch``, or with ``mid_epoch`` after its
     step ``state.batch_index`` (call it then after the step's ``after_batch`` hooks, before the next batch)."""
     from microtrain.plugin_manager import call_hook
 
-    scaler = state.extras.get("grad_scaler")
+    scaler = state.grad_scaler
     totals = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.epoch_totals.items()}
     checkpoint = {
         "format": FORMAT,
@@ -126,11 +122,11 @@ def make_checkpoint(state, pm, mid_epoch: bool = False) -> dict[str, Any]:
         "classes": list(state.data.classes),
         "plugins": {},
     }
-    call_hook(pm, "on_checkpoint_save", state=state, checkpoint=checkpoint)
+    call_hook(state.plugin_manager, "on_checkpoint_save", state=state, checkpoint=checkpoint)
     return checkpoint
 
 
-def restore_checkpoint(state, checkpoint: dict[str, Any], pm) -> None:
+def restore_checkpoint(state, checkpoint: dict[str, Any]) -> None:
     """Put a checkpoint back into ``state`` so the next epoch is ``checkpoint['epoch'] + 1``, from its batch
     ``checkpoint['batch_index'] + 1``. The RNG states are restored last: nothing may draw from them before the
     next training step (loaders use their own generators)."""
@@ -142,7 +138,7 @@ def restore_checkpoint(state, checkpoint: dict[str, Any], pm) -> None:
         state.scheduler.load_state_dict(checkpoint["scheduler"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint does not fit this recipe's model or optimizer: {str(exc).splitlines()[0]}") from None
-    scaler = state.extras.get("grad_scaler")
+    scaler = state.grad_scaler
     if scaler is not None and checkpoint.get("grad_scaler"):
         scaler.load_state_dict(checkpoint["grad_scaler"])
     state.history = list(checkpoint["history"])
@@ -155,5 +151,5 @@ def restore_checkpoint(state, checkpoint: dict[str, Any], pm) -> None:
                               f"an epoch of this recipe has {state.steps_per_epoch}; resume with the loader settings it ran with")
     state.epoch_totals = {k: v.to(state.device) if isinstance(v, torch.Tensor) else v
                           for k, v in checkpoint.get("epoch_totals", {}).items()}
-    call_hook(pm, "on_checkpoint_load", state=state, checkpoint=checkpoint)
+    call_hook(state.plugin_manager, "on_checkpoint_load", state=state, checkpoint=checkpoint)
     set_rng_state(checkpoint["rng"])

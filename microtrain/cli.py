@@ -92,10 +92,19 @@ def _cmd_plugins(args) -> int:
     from rich.table import Table
 
     from microtrain import hookspecs
+    from microtrain.components import type_name
     from microtrain.plugin_manager import create_plugin_manager
+    from microtrain.recipe import CORE_FIELDS, REQUIRED
 
     pm, registry = create_plugin_manager()
     console = Console()
+    fields = Table(title="Recipe fields (top level; model, data, loader, optimizer, schedule pick components below)",
+                   title_justify="left")
+    for column in ("field", "type", "default", "what it is"):
+        fields.add_column(column)
+    for name, spec in CORE_FIELDS.items():
+        fields.add_row(name, type_name(spec.annotation), "(required)" if spec.default is REQUIRED else repr(spec.default), spec.help)
+    console.print(fields)
     table = Table(title="Plugins", title_justify="left")
     table.add_column("plugin")
     table.add_column("module")
@@ -137,8 +146,8 @@ def _section_of(kind: str) -> str:
 def _cmd_inspect(args) -> int:
     import torch
 
+    from microtrain.assembly import prepare_recipe
     from microtrain.inspect_model import as_json, layer_table
-    from microtrain.run import prepare_recipe
 
     recipe, _, registry = prepare_recipe(args.recipe, args.overrides)
     model_cfg = dict(recipe["model"])

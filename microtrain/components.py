@@ -80,7 +80,7 @@ class Option:
         return self.default is _MISSING
 
     def type_name(self) -> str:
-        return _type_name(self.annotation)
+        return type_name(self.annotation)
 
 
 @dataclass
@@ -190,11 +190,11 @@ class Registry:
         return {kind: dict(sorted(items.items())) for kind, items in self._components.items()}
 
 
-def _type_name(annotation: Any) -> str:
+def type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is typing.Annotated:
         base, *rules = typing.get_args(annotation)
         described = [rule.describe() for rule in rules if hasattr(rule, "describe")]
-        return " ".join([_type_name(base), *described])
+        return " ".join([type_name(base), *described])
     if annotation is Any:
         return "any"
     if isinstance(annotation, type):
@@ -262,6 +262,6 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
 
 def _type_error(value: Any, annotation: Any, where: str) -> RecipeError:
     return RecipeError(
-        f"{where}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}; fix the value in the "
+        f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {value!r}; fix the value in the "
         f"recipe or override it as {where}=VALUE"
     )

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from microtrain.errors import MicrotrainError
+from microtrain.errors import CheckpointError, MicrotrainError
 from microtrain.hookspecs import hookimpl
 
 DEFAULT_TIMEOUT_SECONDS = 300
@@ -200,16 +200,8 @@ class ResumeGuard:
     def on_checkpoint_load(self, state, checkpoint):
         saved = int(checkpoint.get("plugins", {}).get(self.name, {}).get("world_size", 1))
         if saved != state.world_size:
-            from microtrain.checkpoint import CheckpointError
-
             raise CheckpointError(
                 f"the checkpoint was written by a run of {saved} process(es), this run has {state.world_size}; the batch "
                 f"order, steps per epoch and learning-rate schedule depend on it: resume with {saved} process(es) "
                 f"(torchrun --nnodes x --nproc_per_node = {saved})"
             )
-
-
-def register_resume_guard(pm) -> None:
-    """Add the guard to the run's plugin manager (once)."""
-    if pm.get_plugin(ResumeGuard.name) is None:
-        pm.register(ResumeGuard(), name=ResumeGuard.name)

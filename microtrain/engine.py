@@ -1,4 +1,6 @@
-"""The training engine: builds the picked components, then runs the loop and calls the hooks.
+"""The training engine: the loop over a built ``State`` (see microtrain.assembly), and the one
+evaluation loop every pass over a split goes through (per-epoch test metrics, reports, TensorBoard,
+benchmarks).
 
     before_fit, [before_epoch, [before_batch, step, after_batch]*, before_eval, on_eval, after_epoch]*, after_fit
 
@@ -11,147 +13,93 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-import pluggy
 import torch
 import torch.nn.functional as F
 
 from microtrain import distributed
-from microtrain.components import Registry
-from microtrain.errors import MicrotrainError, TrainingStopped
-from microtrain.plugin_manager import call_hook, register_callback, register_module
-from microtrain.state import LoaderContext, State
+from microtrain.errors import Interrupted, TrainingStopped
+from microtrain.plugin_manager import call_hook
+from microtrain.state import State
+
+PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Collector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""Called by :func:`evaluate` for every batch with ``(images, labels, logits)`` (logits float32, on the device)."""
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", distributed.local_rank())
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MicrotrainError(f"device '{name}' requested but CUDA is not available here; use device=cpu or device=auto")
+def autocast(device: torch.device, precision: str):
+    """The forward pass's autocast context for a recipe's ``precision``."""
+    dtype = PRECISION_DTYPES[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def evaluate(state: State, model: torch.nn.Module, *, loader: Iterable | None = None, prefix: str = "test",
+             collect: Collector | None = None, all_ranks: bool = True) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix of ``model`` over ``loader`` (the test split by
+    default), with the recipe's precision and the ``predict`` hook (test-time augmentation) as in training.
+
+    ``collect`` sees every batch's logits (the report keeps the most confident mistakes with it). With
+    ``all_ranks`` every rank evaluates rank 0's model on its shard and the figures are summed over ranks; a
+    pass run on one rank only (``all_ranks=False``) covers that rank's shard and makes no collective call.
+    Keys are ``{prefix}_loss``, ``{prefix}_acc``, ``per_class_acc`` and ``confusion`` (rows: true class)."""
+    loader = state.test_loader if loader is None else loader
+    if all_ranks:
+        distributed.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one it checkpoints
+    classes = state.data.classes
+    num_classes = len(classes)
+    device = state.device
+    pm = state.plugin_manager
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MicrotrainError(f"device: '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", distributed.local_rank())
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def configure_threads(threads: int, world_size: int) -> None:
-    """0 means every core, shared out between the processes of a distributed run on one host."""
-    if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        threads = max(1, cores // max(1, local))
-    torch.set_num_threads(threads)
-
-
-def build_state(recipe: dict[str, Any], run_dir: Path, pm: pluggy.PluginManager, registry: Registry) -> State:
-    """Everything a run needs, built from a resolved recipe."""
-    rank, world_size = distributed.rank(), distributed.world_size()
-    configure_threads(recipe["threads"], world_size)
-    device = pick_device(recipe["device"])
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if recipe["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    else:
-        torch.backends.cudnn.benchmark = True
-    seed_everything(recipe["seed"])
-
-    data_cfg = dict(recipe["data"])
-    data = registry.get("data", data_cfg.pop("name"), "data.name").build(options=data_cfg)
-
-    loader_cfg = dict(recipe["loader"])
-    loader_component = registry.get("loader", loader_cfg.pop("name"), "loader.name")
-
-    def make_loader(train: bool):
-        images, labels = data.split(train)
-        ctx = LoaderContext(images=images, labels=labels, train=train, device=device, seed=recipe["seed"],
-                            mean=data.mean, std=data.std, rank=rank, world_size=world_size,
-                            channels_last=recipe["channels_last"])
-        return loader_component.build(ctx, options=loader_cfg)
-
-    train_loader, test_loader = make_loader(True), make_loader(False)
-
-    model_cfg = dict(recipe["model"])
-    model = registry.get("model", model_cfg.pop("name"), "model.name").build(data.num_classes, data.image_shape, options=model_cfg)
-    model = model.to(device)
-    if recipe["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    if world_size > 1:
-        model = distributed.wrap_model(model, device, recipe["sync_batchnorm"])
-
-    opt_cfg = dict(recipe["optimizer"])
-    optimizer = registry.get("optimizer", opt_cfg.pop("name"), "optimizer.name").build(model, options=opt_cfg)
-
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise MicrotrainError("the training loader yields no batch: the dataset is smaller than loader.batch_size; lower it")
-    sched_cfg = dict(recipe["schedule"])
-    scheduler = registry.get("schedule", sched_cfg.pop("name"), "schedule.name").build(
-        optimizer, recipe["epochs"] * steps_per_epoch, steps_per_epoch, options=sched_cfg
-    )
-
-    state = State(recipe=recipe, run_dir=run_dir, device=device, data=data, model=model, optimizer=optimizer,
-                  scheduler=scheduler, train_loader=train_loader, test_loader=test_loader, epochs=recipe["epochs"],
-                  rank=rank, world_size=world_size, steps_per_epoch=steps_per_epoch)
-    if recipe["compile"]:
-        state.model = torch.compile(model)
-    state.eval_model = state.model
-    return state
-
-
-def enable_plugins(recipe: dict[str, Any], pm: pluggy.PluginManager, registry: Registry) -> None:
-    """Instantiate the callbacks the recipe lists and register recipe-named plugin modules."""
-    for entry in recipe["plugins"]:
-        if isinstance(entry, dict):
-            (name, options), = entry.items()
-            register_callback(pm, registry.get("callback", name, "plugins").build(options=options), name)
-        elif registry.has("callback", entry):
-            component = registry.get("callback", entry, "plugins")
-            register_callback(pm, component.build(options=component.validate({}, f"plugins.{entry}")), entry)
-        else:
-            register_module(pm, entry)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop asked for by a signal (Ctrl-C, SIGTERM), raised where the state is consistent: after a training
-    step (``mid_epoch``: a checkpoint resumes at the next batch) or after an epoch's hooks."""
-
-    def __init__(self, signum: int, mid_epoch: bool):
-        super().__init__(f"signal {signum}")
-        self.signum, self.mid_epoch = signum, mid_epoch
+        for images, labels in loader:
+            with autocast(device, state.recipe["precision"]):
+                logits = call_hook(pm, "predict", state=state, model=model, images=images) if pm is not None else None
+                if logits is None:
+                    logits = model(images)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+            if collect is not None:
+                collect(images, labels, logits)
+    finally:
+        model.train(was_training)
+    if all_ranks:
+        loss_sum = distributed.all_reduce_sum(loss_sum)
+        confusion = distributed.all_reduce_sum(confusion)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    total = int(confusion.sum())
+    per_class_total = confusion.sum(1)
+    per_class_acc = {
+        name: (100.0 * int(confusion[i, i]) / int(per_class_total[i])) if int(per_class_total[i]) else math.nan
+        for i, name in enumerate(classes)
+    }
+    return {
+        f"{prefix}_loss": float(loss_sum) / max(total, 1),
+        f"{prefix}_acc": 100.0 * int(confusion.diag().sum()) / max(total, 1),
+        "per_class_acc": per_class_acc,
+        "confusion": confusion.tolist(),
+    }
 
 
 class Engine:
-    """Runs the loop over a built ``State`` and calls the hooks of ``pm``."""
+    """Runs the loop over a built ``State`` (microtrain.build_run makes one) and calls the hooks of its
+    plugin manager."""
 
-    def __init__(self, state: State, pm: pluggy.PluginManager):
+    def __init__(self, state: State):
+        if state.plugin_manager is None or state.grad_scaler is None:
+            raise ValueError("the state has no plugin manager or grad scaler: build it with microtrain.build_run")
         self.state = state
-        self.pm = pm
+        self.pm = state.plugin_manager
+        self.scaler = state.grad_scaler
         recipe = state.recipe
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe["precision"]]
-        self.scaler = torch.amp.GradScaler(state.device.type, enabled=self.autocast_dtype is torch.float16
-                                           and state.device.type == "cuda")
-        state.extras["grad_scaler"] = self.scaler
-        state.extras["plugin_manager"] = pm
         self.label_smoothing = recipe["label_smoothing"]
         self.grad_clip = recipe["grad_clip"]
         self.channels_last = recipe["channels_last"]
@@ -161,9 +109,11 @@ class Engine:
         return call_hook(self.pm, name, state=self.state, **kwargs)
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.state.device.type, dtype=self.autocast_dtype)
+        return autocast(self.state.device, self.state.recipe["precision"])
+
+    def evaluate(self, model: torch.nn.Module, **options: Any) -> dict[str, Any]:
+        """:func:`evaluate` on this engine's state."""
+        return evaluate(self.state, model, **options)
 
     def request_stop(self, signum: int) -> None:
         """Ask the loop to stop at the next point a checkpoint can capture (a signal handler calls this)."""
@@ -187,7 +137,7 @@ class Engine:
             train_metrics = self.train_epoch()
             state.metrics = {"epoch": epoch, **train_metrics}
             self.hook("before_eval")
-            state.metrics.update(self.evaluate(state.eval_model or state.model))
+            state.metrics.update(evaluate(state, state.eval_model or state.model))
             self.hook("on_eval")
             state.history.append(state.metrics)
             self.hook("after_epoch")
@@ -255,40 +205,4 @@ class Engine:
             "train_acc": 100.0 * correct_total / max(seen_total, 1),
             "epoch_seconds": seconds,
             "train_images_per_second": trained_now / seconds if seconds > 0 else math.nan,
-        }
-
-    @torch.inference_mode()
-    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
-        """Loss, accuracy, per-class accuracy and confusion matrix on the test split (all ranks)."""
-        state = self.state
-        distributed.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one it checkpoints
-        classes = state.data.classes
-        num_classes = len(classes)
-        device = state.device
-        was_training = model.training
-        model.eval()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
-        for images, labels in state.test_loader:
-            with self.autocast():
-                logits = self.hook("predict", model=model, images=images)
-                if logits is None:
-                    logits = model(images)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
-        model.train(was_training)
-        loss_sum = distributed.all_reduce_sum(loss_sum)
-        confusion = distributed.all_reduce_sum(confusion).view(num_classes, num_classes).cpu()
-        total = int(confusion.sum())
-        per_class_total = confusion.sum(1)
-        per_class_acc = {
-            name: (100.0 * int(confusion[i, i]) / int(per_class_total[i])) if int(per_class_total[i]) else math.nan
-            for i, name in enumerate(classes)
-        }
-        return {
-            "test_loss": float(loss_sum) / max(total, 1),
-            "test_acc": 100.0 * int(confusion.diag().sum()) / max(total, 1),
-            "per_class_acc": per_class_acc,
-            "confusion": confusion.tolist(),
         }

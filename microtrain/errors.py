@@ -1,4 +1,6 @@
-"""The one exception type a user sees as a single line: what is wrong and how to fix it."""
+"""Every exception microtrain raises on purpose: ``MicrotrainError`` and its kinds (the CLI prints them as
+one line naming the problem and the fix, exit status 2), and the stops a signal asks for (``Interrupted``,
+``Signalled``: KeyboardInterrupts, so a run dir is marked ``interrupted``, not ``failed``)."""
 
 
 class MicrotrainError(Exception):
@@ -27,3 +29,28 @@ def did_you_mean(word: str, choices) -> str:
 
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class CheckpointError(MicrotrainError):
+    """A checkpoint is missing, corrupt, or not a microtrain checkpoint."""
+
+
+class PluginHookError(PluginError):
+    """A hook implementation raised; names the plugin and the hook."""
+
+    def __init__(self, plugin: str, hook: str, error: BaseException):
+        self.plugin, self.hook, self.original = plugin, hook, error
+        super().__init__(f"plugin '{plugin}' failed in hook '{hook}': {type(error).__name__}: {error}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal (Ctrl-C, SIGTERM), raised where the state is consistent: after a training
+    step (``mid_epoch``: a checkpoint resumes at the next batch) or after an epoch's hooks."""
+
+    def __init__(self, signum: int, mid_epoch: bool):
+        super().__init__(f"signal {signum}")
+        self.signum, self.mid_epoch = signum, mid_epoch
+
+
+class Signalled(KeyboardInterrupt):
+    """A second Ctrl-C/SIGTERM, or one in a distributed run: stop at once, abandoning the step in progress."""

@@ -11,17 +11,9 @@ import pluggy
 
 from microtrain import hookspecs
 from microtrain.components import Registry
-from microtrain.errors import MicrotrainError, PluginError
+from microtrain.errors import MicrotrainError, PluginError, PluginHookError
 
 ENTRY_POINT_GROUP = "microtrain"
-
-
-class PluginHookError(PluginError):
-    """A hook implementation raised; names the plugin and the hook."""
-
-    def __init__(self, plugin: str, hook: str, error: BaseException):
-        self.plugin, self.hook, self.original = plugin, hook, error
-        super().__init__(f"plugin '{plugin}' failed in hook '{hook}': {type(error).__name__}: {error}")
 
 
 def create_plugin_manager(modules: Iterable[str] = ()) -> tuple[pluggy.PluginManager, Registry]:

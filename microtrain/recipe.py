@@ -2,55 +2,54 @@
 validation against the core fields below and against the options each picked component declares.
 
 A resolved recipe is a plain dict; every component section holds ``name`` plus every option
-with its default filled in, so the saved ``recipe.yaml`` says exactly what ran.
+with its default filled in, so the saved ``recipe.yaml`` says exactly what ran. Its ``plugins``
+list has one normal form: ``{callback_name: {every option}}`` for a callback, a plain string
+for a plugin module's import path; :func:`plugin_entries` reads it.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from microtrain.components import Registry, check_type
+from microtrain.components import Range, Registry, check_type
 from microtrain.errors import RecipeError, did_you_mean
 
 COMPONENT_SECTIONS = {"model": "model", "data": "data", "loader": "loader", "optimizer": "optimizer", "schedule": "schedule"}
 
 DEFAULT_PLUGINS = ["progress", "metrics", "checkpoint", "summary", "report"]
 
-# Core fields: (type, default); a default of REQUIRED means the recipe must set it.
 REQUIRED = object()
-CORE_FIELDS: dict[str, tuple[Any, Any]] = {
-    "name": (str, REQUIRED),
-    "epochs": (int, REQUIRED),
-    "seed": (int, 0),
-    "device": (str, "auto"),
-    "threads": (int, 0),
-    "precision": (Literal["fp32", "bf16", "fp16"], "fp32"),
-    "channels_last": (bool, True),
-    "compile": (bool, False),
-    "deterministic": (bool, False),
-    "label_smoothing": (float, 0.0),
-    "grad_clip": (float | None, None),
-    "sync_batchnorm": (bool, False),
-    "plugins": (list, DEFAULT_PLUGINS),
-}
-FIELD_HELP = {
-    "name": "the run's name; run dirs go to runs/<name>/<timestamp>",
-    "epochs": "number of training epochs",
-    "seed": "seed for shuffling, augmentation and initialisation",
-    "device": "auto (cuda when present, else cpu), cpu, cuda or cuda:N",
-    "threads": "torch CPU threads; 0 uses every core",
-    "precision": "fp32, or autocast to bf16 / fp16 for the forward pass",
-    "channels_last": "NHWC memory layout for conv models (faster on CPU and tensor cores)",
-    "compile": "torch.compile the model",
-    "deterministic": "deterministic algorithms (exact resume, slower on GPU)",
-    "label_smoothing": "label smoothing of the cross-entropy loss",
-    "grad_clip": "clip the gradient norm to this value (none: no clipping)",
-    "sync_batchnorm": "use SyncBatchNorm across ranks in distributed GPU runs",
-    "plugins": "callbacks by name (a dict gives options) and plugin modules by import path",
+
+
+@dataclass(frozen=True)
+class CoreField:
+    """A top-level recipe field: its type (with its rules, see microtrain.components), default and help.
+    A default of REQUIRED means the recipe must set it."""
+
+    annotation: Any
+    default: Any
+    help: str
+
+
+CORE_FIELDS: dict[str, CoreField] = {
+    "name": CoreField(str, REQUIRED, "the run's name; run dirs go to runs/<name>/<timestamp>"),
+    "epochs": CoreField(Annotated[int, Range(ge=1)], REQUIRED, "number of training epochs"),
+    "seed": CoreField(int, 0, "seed for shuffling, augmentation and initialisation"),
+    "device": CoreField(str, "auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N"),
+    "threads": CoreField(Annotated[int, Range(ge=0)], 0, "torch CPU threads; 0 uses every core"),
+    "precision": CoreField(Literal["fp32", "bf16", "fp16"], "fp32", "fp32, or autocast to bf16 / fp16 for the forward pass"),
+    "channels_last": CoreField(bool, True, "NHWC memory layout for conv models (faster on CPU and tensor cores)"),
+    "compile": CoreField(bool, False, "torch.compile the model"),
+    "deterministic": CoreField(bool, False, "deterministic algorithms (exact resume, slower on GPU)"),
+    "label_smoothing": CoreField(Annotated[float, Range(ge=0, lt=1)], 0.0, "label smoothing of the cross-entropy loss"),
+    "grad_clip": CoreField(Annotated[float, Range(gt=0)] | None, None, "clip the gradient norm to this value (none: no clipping)"),
+    "sync_batchnorm": CoreField(bool, False, "use SyncBatchNorm across ranks in distributed GPU runs"),
+    "plugins": CoreField(list, DEFAULT_PLUGINS, "callbacks by name (a dict gives options) and plugin modules by import path"),
 }
 
 
@@ -142,19 +141,17 @@ def resolve_recipe(raw: dict[str, Any], registry: Registry, from_cli: dict[str, 
                 f"unknown recipe field '{key}'{did_you_mean(key, allowed)}; recipe fields are: {', '.join(sorted(allowed))}"
             )
     resolved: dict[str, Any] = {}
-    for key, (annotation, default) in CORE_FIELDS.items():
+    for key, spec in CORE_FIELDS.items():
         if key in raw:
-            resolved[key] = check_type(raw[key], annotation, key)
-        elif default is REQUIRED:
-            raise RecipeError(f"recipe field '{key}' is missing: {FIELD_HELP[key]}; add '{key}: ...' to the recipe")
+            resolved[key] = check_type(raw[key], spec.annotation, key)
+        elif spec.default is REQUIRED:
+            raise RecipeError(f"recipe field '{key}' is missing: {spec.help}; add '{key}: ...' to the recipe")
         else:
-            resolved[key] = copy.deepcopy(default)
+            resolved[key] = copy.deepcopy(spec.default)
     name = resolved["name"]
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise RecipeError(f"name: {name!r} cannot be a folder name (run dirs go to runs/<name>/); use letters, digits, "
                           "'-' and '_'")
-    if resolved["epochs"] < 1:
-        raise RecipeError(f"epochs: must be at least 1, got {resolved['epochs']}")
     for section, kind in COMPONENT_SECTIONS.items():
         body = raw.get(section)
         if body is None:
@@ -173,12 +170,30 @@ def resolve_recipe(raw: dict[str, Any], registry: Registry, from_cli: dict[str, 
             cli_keys = from_cli.get(section, set())
             options = {k: v for k, v in options.items() if k in component.options or k in cli_keys}
         resolved[section] = {"name": body["name"], **component.validate(options, section)}
-    resolved["plugins"] = [_check_plugin_entry(entry, registry, i) for i, entry in enumerate(resolved["plugins"])]
+    resolved["plugins"] = normalise_plugins(resolved["plugins"], registry)
     return resolved
 
 
+def normalise_plugins(plugins: list[Any], registry: Registry) -> list[Any]:
+    """Check a ``plugins`` list and put it in the normal form (see the module's docstring)."""
+    return [_check_plugin_entry(entry, registry, i) for i, entry in enumerate(plugins)]
+
+
+def plugin_entries(plugins: list[Any]) -> list[tuple[str, dict[str, Any] | None]]:
+    """``(name, options)`` of each entry of a resolved ``plugins`` list; options are None for a module path."""
+    entries = []
+    for entry in plugins:
+        if isinstance(entry, dict):
+            (name, options), = entry.items()
+            entries.append((name, dict(options or {})))
+        else:
+            entries.append((entry, None))
+    return entries
+
+
 def _check_plugin_entry(entry: Any, registry: Registry, index: int) -> Any:
-    """A plugins entry is a callback name, {name: {options}}, or a module import path."""
+    """A plugins entry is a callback name, {name: {options}}, or a module import path; callbacks come back
+    in the normal form {name: {every option}}."""
     where = f"plugins[{index}]"
     if isinstance(entry, dict):
         if len(entry) != 1:
@@ -192,7 +207,7 @@ def _check_plugin_entry(entry: Any, registry: Registry, index: int) -> Any:
     if not isinstance(entry, str) or not entry:
         raise RecipeError(f"{where}: expected a callback name or a module path, got {entry!r}")
     if registry.has("callback", entry):
-        return entry
+        return {entry: registry.get("callback", entry, where).validate({}, f"plugins.{entry}")}
     if "." not in entry and not module_exists(entry):
         raise RecipeError(
             f"{where}: '{entry}' is neither a callback{did_you_mean(entry, registry.names('callback'))} nor an importable "

@@ -16,32 +16,13 @@ from typing import Any
 import yaml
 
 from microtrain import distributed
-from microtrain.checkpoint import CheckpointError, load_checkpoint, restore_checkpoint
-from microtrain.engine import Engine, build_state, enable_plugins
-from microtrain.errors import MicrotrainError, PluginError, RecipeError
-from microtrain.plugin_manager import PluginHookError, create_plugin_manager
-from microtrain.recipe import apply_overrides, dump_recipe, load_recipe_file, module_exists, resolve_recipe
+from microtrain.assembly import build_run, default_run_dir, prepare_recipe
+from microtrain.checkpoint import load_checkpoint
+from microtrain.engine import Engine
+from microtrain.errors import CheckpointError, MicrotrainError, PluginError, PluginHookError, RecipeError, Signalled
+from microtrain.recipe import dump_recipe, normalise_plugins
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
-
-
-def prepare_recipe(recipe_path: str | Path, overrides: list[str]):
-    """Load, override and validate a recipe; returns (recipe, plugin manager, registry)."""
-    raw = load_recipe_file(recipe_path)
-    overridden, from_cli = apply_overrides(raw, overrides)
-    pm, registry = create_plugin_manager()
-    plugins = overridden.get("plugins") or []
-    modules = [p for p in plugins if isinstance(p, str) and not registry.has("callback", p) and ("." in p or module_exists(p))] \
-        if isinstance(plugins, list) else []
-    if modules:
-        pm, registry = create_plugin_manager(modules)
-    recipe = resolve_recipe(overridden, registry, from_cli, raw)
-    return recipe, pm, registry
-
-
-def default_run_dir(recipe: dict[str, Any]) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / recipe["name"] / stamp
 
 
 def write_status(run_dir: Path, status: str, message: str = "") -> None:
@@ -82,10 +63,6 @@ def _shared_run_dir(run_dir: Path | None, recipe: dict[str, Any]) -> Path:
     return Path(chosen[0])
 
 
-class _Signalled(KeyboardInterrupt):
-    """A second Ctrl-C/SIGTERM, or one in a distributed run: stop at once, abandoning the step in progress."""
-
-
 def _signal_handler(engine: Engine):
     """First Ctrl-C/SIGTERM: the engine stops after the step in progress, where a checkpoint captures the exact
     position. A second one abandons the step. Distributed runs stop at once: ranks may be at different steps."""
@@ -96,7 +73,7 @@ def _signal_handler(engine: Engine):
             os.write(2, f"\nmicrotrain: {signal.Signals(signum).name} received: stopping after the current step to save "
                         "a checkpoint (send it again to stop at once)\n".encode())  # no print: not reentrant
             return
-        raise _Signalled(f"signal {signum}")
+        raise Signalled(f"signal {signum}")
 
     return handler
 
@@ -116,11 +93,11 @@ def _load_for_resume(path: Path, command: str) -> dict[str, Any]:
 def run(recipe_path: str | Path, overrides: list[str], run_dir: Path | None = None,
         resume: Path | None = None, force: bool = False) -> int:
     """Train one recipe. Returns the process exit status."""
-    recipe, pm, registry = prepare_recipe(recipe_path, overrides)
+    recipe, _, registry = prepare_recipe(recipe_path, overrides)
     distributed.init(recipe["device"])
     command = " ".join(["microtrain run", *map(shlex.quote, [str(recipe_path), *overrides])])
     try:
-        return _run(recipe, pm, registry, run_dir, resume, force, command)
+        return _run(recipe, registry, run_dir, resume, force, command)
     except MicrotrainError as error:
         distributed.tag_error(error)  # "rank R of N: ..." when distributed
         raise
@@ -132,7 +109,7 @@ def run(recipe_path: str | Path, overrides: list[str], run_dir: Path | None = No
         distributed.shutdown()
 
 
-def _run(recipe, pm, registry, run_dir, resume, force, command: str) -> int:
+def _run(recipe, registry, run_dir, resume, force, command: str) -> int:
     """``command`` is the command line (without --run-dir/--resume) that a resume repeats."""
     checkpoint = None
     if resume is not None:
@@ -142,6 +119,11 @@ def _run(recipe, pm, registry, run_dir, resume, force, command: str) -> int:
         if not saved_path.is_file():
             raise MicrotrainError(f"--resume: '{run_dir}' has no recipe.yaml; pass the run dir of an earlier run")
         saved = yaml.safe_load(saved_path.read_text())
+        if isinstance(saved, dict) and isinstance(saved.get("plugins"), list):
+            try:  # a run dir written before plugins had their normal form lists bare callback names
+                saved["plugins"] = normalise_plugins(saved["plugins"], registry)
+            except MicrotrainError:
+                pass  # the difference is reported below
         changed = _recipe_changes(saved, recipe)
         if changed and not force:
             raise RecipeError(
@@ -162,12 +144,9 @@ def _run(recipe, pm, registry, run_dir, resume, force, command: str) -> int:
     distributed.barrier()
 
     try:
-        enable_plugins(recipe, pm, registry)
-        distributed.register_resume_guard(pm)
-        state = build_state(recipe, run_dir, pm, registry)
-        if checkpoint is not None:
-            restore_checkpoint(state, checkpoint, pm)
-        engine = Engine(state, pm)
+        assembled = build_run(recipe, run_dir=run_dir, checkpoint=checkpoint,
+                              extra_plugins={distributed.ResumeGuard.name: distributed.ResumeGuard()})
+        state, engine, pm = assembled.state, assembled.engine, assembled.plugin_manager
     except BaseException as error:  # nothing trained yet, but the run dir must not say "running"
         if is_main:
             interrupted = isinstance(error, KeyboardInterrupt)

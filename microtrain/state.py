@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import pluggy
 
 
 @dataclass
@@ -100,7 +103,8 @@ class State:
     history: list[dict[str, Any]] = field(default_factory=list)
     stop_training: bool = False
     status: str = "running"
-    extras: dict[str, Any] = field(default_factory=dict)
+    plugin_manager: pluggy.PluginManager | None = None  # calls the hooks; checkpoints and evaluation use it
+    grad_scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (disabled, but present, otherwise)
 
     @property
     def is_main(self) -> bool:
@@ -110,6 +114,17 @@ class State:
     @property
     def unwrapped_model(self) -> torch.nn.Module:
         """The model without a DistributedDataParallel or torch.compile wrapper."""
-        model = self.model
-        model = getattr(model, "module", model)
-        return getattr(model, "_orig_mod", model)
+        return _unwrap(self.model)
+
+    @property
+    def unwrapped_eval_model(self) -> torch.nn.Module:
+        """The model evaluation uses, without DistributedDataParallel (a pass on one rank alone must not wait for
+        the others) and without torch.compile (one pass is not worth compiling)."""
+        return _unwrap(self.eval_model or self.model)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import microtrain
-from microtrain.errors import RecipeError
+from microtrain import RecipeError
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 from conftest import real_cifar_root
-from microtrain_plugins.data import cifar10
-from microtrain_plugins.data.imagefolder import build_imagefolder
 
 from microtrain.errors import DataError
+from microtrain_plugins.data import cifar10
+from microtrain_plugins.data.imagefolder import build_imagefolder
 
 
 def write_batches(folder, count=20, seed=0):

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microtrain import distributed
-from microtrain.checkpoint import CheckpointError
+from microtrain import CheckpointError, distributed
 from microtrain.errors import MicrotrainError
 from microtrain.sampling import batch_count, epoch_batches
 

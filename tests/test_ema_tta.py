@@ -14,11 +14,10 @@ from torch import nn
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from microtrain.errors import RecipeError  # noqa: E402
 from microtrain_plugins.callbacks.ema import build_ema  # noqa: E402
 from microtrain_plugins.callbacks.tta import build_tta  # noqa: E402
 from microtrain_plugins.optim import build_adamw, build_sgd, parameter_groups  # noqa: E402
-
-from microtrain.errors import RecipeError  # noqa: E402
 
 
 def tiny_model() -> nn.Module:
@@ -221,11 +220,10 @@ def test_tta_off_defers_to_the_plain_forward() -> None:
 
 def test_run_evaluates_ema_weights_with_flip_tta(tmp_path) -> None:
     """The logged test loss is that of the EMA weights with flip-averaged logits, not of the raw model."""
-    from microtrain_plugins.data.synthetic import build_synthetic
-    from microtrain_plugins.models.dsconv import build_dsconv
-
     from microtrain.checkpoint import load_checkpoint
     from microtrain.run import run
+    from microtrain_plugins.data.synthetic import build_synthetic
+    from microtrain_plugins.models.dsconv import build_dsconv
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({

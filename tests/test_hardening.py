@@ -21,14 +21,14 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from microtrain_plugins.data import cifar10
-from microtrain_plugins.data.safe_archive import extract_tar_safely
 
-from microtrain.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from microtrain import CheckpointError, atomic_save, load_checkpoint
 from microtrain.cli import main
 from microtrain.errors import DataError, MicrotrainError
 from microtrain.plugin_manager import create_plugin_manager
 from microtrain.recipe import apply_overrides, dump_recipe, parse_recipe_text, resolve_recipe
+from microtrain_plugins.data import cifar10
+from microtrain_plugins.data.safe_archive import extract_tar_safely
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -469,7 +469,7 @@ def test_disk_full_during_training_keeps_last_and_says_so(tmp_path, tiny, monkey
 
 
 def test_resume_with_changed_recipe_is_refused_naming_fields(tmp_path, tiny, capsys):
-    from microtrain.run import prepare_recipe
+    from microtrain.assembly import prepare_recipe
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

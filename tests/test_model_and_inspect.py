@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 from conftest import REPO
-from microtrain_plugins.models.dsconv import build_dsconv
 
 from microtrain.inspect_model import layer_table
+from microtrain_plugins.models.dsconv import build_dsconv
 
 
 def test_dsconv_size_and_output():
@@ -53,9 +53,8 @@ def test_inspect_command_json():
 
 
 def test_dsresnet_size_output_and_options():
-    from microtrain_plugins.models.dsresnet import build_dsresnet
-
     from microtrain.errors import RecipeError
+    from microtrain_plugins.models.dsresnet import build_dsresnet
 
     model = build_dsresnet(10, (3, 32, 32))
     assert sum(p.numel() for p in model.parameters()) == 97_610  # the <= 105K-parameter goal

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from microtrain.assembly import prepare_recipe
 from microtrain.errors import MicrotrainError, RecipeError
 from microtrain.recipe import apply_overrides, parse_override, parse_recipe_text
-from microtrain.run import prepare_recipe
 
 
 def test_overrides_parse_yaml_scalars():
@@ -118,8 +118,6 @@ def test_seed_recipe_matches_the_seed_document():
 def test_albumentations_argument_it_does_not_know_is_an_error(tiny_recipe):
     """albumentations 2.x only warns about old names such as max_holes; microtrain refuses them."""
     from microtrain_plugins.loaders.albumentations_loader import build_transforms
-
-    from microtrain.engine import build_state  # noqa: F401 - the loader validates when built
 
     with pytest.raises(RecipeError, match="CoarseDropout has no argument 'max_holes'.*num_holes_range"):
         build_transforms([{"CoarseDropout": {"max_holes": 1}}])

@@ -23,9 +23,8 @@ from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from microtrain_plugins.callbacks import report as rp  # noqa: E402
-
 from microtrain.cli import main  # noqa: E402
+from microtrain_plugins.callbacks import report as rp  # noqa: E402
 
 PNGS = ("curves.png", "per_class.png", "confusion.png", "misclassified.png", "augmentations.png")
 SAMPLES = 24  # report's samples option in the fixture run (the batch holds 32)
@@ -130,11 +129,10 @@ def test_every_file_is_produced_and_each_png_has_its_size(finished_run: Path) ->
 
 def test_loader_samples_are_the_first_batch_in_real_colours() -> None:
     """De-normalising the loader's batch gives back the dataset's uint8 pixels of that batch."""
-    from microtrain_plugins.data.synthetic import build_synthetic
-    from microtrain_plugins.loaders.albumentations_loader import build_albumentations_loader
-
     from microtrain.sampling import epoch_batches
     from microtrain.state import LoaderContext
+    from microtrain_plugins.data.synthetic import build_synthetic
+    from microtrain_plugins.loaders.albumentations_loader import build_albumentations_loader
 
     data = build_synthetic(train_size=64, test_size=8, image_size=16)
     context = LoaderContext(images=data.train_images, labels=data.train_labels, train=True, device=torch.device("cpu"),
@@ -265,9 +263,10 @@ def test_prediction_pass_keeps_the_most_confident_mistakes_in_real_colours() -> 
         return torch.stack([logits[lookup[round(float(x.sum()), 3)]] for x in images])
 
     labels = torch.from_numpy(LABELS)
-    loader = [(normalised[:3], labels[:3]), (normalised[3:], labels[3:])]  # two batches
-    found = rp.collect_predictions(forward, loader, 5, mean, std, keep=3)
-    assert found.confusion.tolist() == rp.confusion_matrix(LABELS, PREDS, 5).tolist()
+    collector = rp.MistakeCollector(3, mean, std)
+    for batch in (slice(0, 3), slice(3, None)):  # two batches, as the evaluation loop hands them over
+        collector(normalised[batch], labels[batch], forward(normalised[batch]))
+    found = collector.found
     # mistakes: index 1 (0.6), 2 (0.8), 5 (0.5), 6 (0.85) -> the three most confident: 6, 2, 1
     assert found.confidence.tolist() == pytest.approx([0.85, 0.8, 0.6], abs=1e-5)
     assert found.true.tolist() == [3, 0, 0] and found.predicted.tolist() == [2, 1, 1]

@@ -19,8 +19,7 @@ import shutil
 from pathlib import Path
 
 import microtrain
-from microtrain.checkpoint import CheckpointError, atomic_save, make_checkpoint
-from microtrain.engine import Interrupted
+from microtrain import CheckpointError, Interrupted, RecipeError, atomic_save, make_checkpoint
 
 FOLDER = "checkpoints"
 
@@ -49,7 +48,7 @@ class Checkpointing:
         self.keep_best = keep_best
         self.every_steps = every_steps
         self.keep_previous = keep_previous
-        self.pm = None
+        self.started = False  # before_fit ran: the state is one a checkpoint may capture
         self.best = float("-inf")
 
     def folder(self, state) -> Path:
@@ -64,7 +63,7 @@ class Checkpointing:
     @microtrain.hookimpl
     def before_fit(self, state):
         """Fail before training when the run dir cannot hold the checkpoints; drop temporary files a kill left."""
-        self.pm = state.extras["plugin_manager"]
+        self.started = True
         self.best = max((row["test_acc"] for row in state.history), default=float("-inf"))
         if not state.is_main:
             return
@@ -85,14 +84,14 @@ class Checkpointing:
         if (not state.is_main or not self.every_steps or state.step % self.every_steps
                 or state.batch_index >= state.steps_per_epoch):  # the epoch's end writes one anyway
             return
-        self.save_last(state, make_checkpoint(state, self.pm, mid_epoch=True))
+        self.save_last(state, make_checkpoint(state, mid_epoch=True))
 
     @microtrain.hookimpl(trylast=True)
     def after_epoch(self, state):
         """best.pt before last.pt: a kill between the two repeats this epoch, which rewrites best.pt."""
         if not state.is_main:
             return
-        checkpoint = make_checkpoint(state, self.pm)
+        checkpoint = make_checkpoint(state)
         if self.keep_best and state.metrics["test_acc"] > self.best:
             self.best = state.metrics["test_acc"]
             atomic_save(checkpoint, self.folder(state) / "best.pt")
@@ -102,15 +101,13 @@ class Checkpointing:
     def on_error(self, state, error):
         """On Ctrl-C/SIGTERM the engine stopped at a consistent point: save it. Other errors (a NaN loss, a plugin
         that raised, a second Ctrl-C that abandoned a step) keep the last good checkpoint untouched."""
-        if isinstance(error, Interrupted) and error.mid_epoch and state.is_main and self.pm is not None:
-            self.save_last(state, make_checkpoint(state, self.pm, mid_epoch=True))  # (epoch ends: after_epoch wrote it)
+        if isinstance(error, Interrupted) and error.mid_epoch and state.is_main and self.started:
+            self.save_last(state, make_checkpoint(state, mid_epoch=True))  # (epoch ends: after_epoch wrote it)
 
 
 def build_checkpoint(*, keep_best: bool = True, every_steps: int = 0, keep_previous: bool = True) -> Checkpointing:
     """Atomic checkpoints: last.pt every epoch (and every every_steps steps), best.pt on a new best test accuracy."""
     if every_steps < 0:
-        from microtrain.errors import RecipeError
-
         raise RecipeError(f"plugins.checkpoint.every_steps must be 0 (only at epoch ends) or more, got {every_steps}")
     return Checkpointing(keep_best=keep_best, every_steps=every_steps, keep_previous=keep_previous)
 

@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 
 import microtrain
-from microtrain.errors import RecipeError
+from microtrain import RecipeError
 
 
 def batchnorm_buffer_names(model: torch.nn.Module) -> set[str]:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import microtrain
-from microtrain.errors import MicrotrainError
+from microtrain import MicrotrainError
 
 FILE = "metrics.jsonl"
 

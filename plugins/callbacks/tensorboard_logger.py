@@ -4,15 +4,15 @@
 Logged against the global step: the loss and learning rate every ``every_steps`` steps (reading
 the loss synchronises the device, hence not every step), and at each epoch's end train/test
 loss and accuracy, the learning rate, images/s and per-class accuracy; the confusion matrix as
-an image every epoch, and the most confidently wrong test images at the end (taken from the
-``report`` plugin when it runs, else from one pass of its own). Needs the ``tensorboard``
+an image every epoch, and the most confidently wrong test images at the end (one pass of the
+evaluation model over rank 0's share of the test split, through the engine's evaluation loop). Needs the ``tensorboard``
 package (``pip install 'microtrain[tensorboard]'``); asking for it without is one clear error.
 """
 
 from __future__ import annotations
 
 import microtrain
-from microtrain.errors import MicrotrainError
+from microtrain import MicrotrainError
 
 
 def _summary_writer_class():
@@ -46,9 +46,7 @@ class TensorBoardLogger:
         self.writer = self.writer_class(log_dir=str(state.run_dir / "tensorboard"),
                                         purge_step=state.step + 1 if state.step else None)
         if not state.step:
-            from microtrain.recipe import dump_recipe
-
-            self.writer.add_text("recipe", "```yaml\n" + dump_recipe(state.recipe) + "\n```", 0)
+            self.writer.add_text("recipe", "```yaml\n" + microtrain.dump_recipe(state.recipe) + "\n```", 0)
 
     @microtrain.hookimpl
     def after_batch(self, state):
@@ -76,9 +74,8 @@ class TensorBoardLogger:
             self.writer.add_image("confusion", figure_rgb(fig), step, dataformats="HWC")
         self.writer.flush()
 
-    @microtrain.hookimpl(trylast=True)
+    @microtrain.hookimpl
     def after_fit(self, state):
-        """Runs after the report plugin, whose pass over the test split it reuses."""
         if self.writer is None:
             return
         try:
@@ -91,13 +88,9 @@ class TensorBoardLogger:
         from microtrain_plugins.callbacks import report
 
         classes = state.data.classes
-        found = state.extras.get("report_predictions")
-        if found is None:  # no report plugin in this run: one pass of our own
-            model = report.final_model(state)
-            with report.evaluating(model):
-                found = report.collect_predictions(report.make_forward(model, state.recipe["precision"], state.device),
-                                                   state.test_loader, len(classes), state.data.mean, state.data.std,
-                                                   self.mistakes)
+        collector = report.MistakeCollector(self.mistakes, state.data.mean, state.data.std)
+        microtrain.evaluate(state, state.unwrapped_eval_model, collect=collector, all_ranks=False)
+        found = collector.found
         count = min(self.mistakes, len(found.images))
         titles = [f"{classes[t]} -> {classes[p]} ({c:.2f})"
                   for t, p, c in zip(found.true[:count], found.predicted[:count], found.confidence[:count], strict=True)]

@@ -19,11 +19,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from microtrain_plugins.data.safe_archive import extract_tar_safely
 
 import microtrain
-from microtrain.errors import DataError
-from microtrain.state import ImageData
+from microtrain import DataError, ImageData
+from microtrain_plugins.data.safe_archive import extract_tar_safely
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 OFFICIAL_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"

@@ -14,11 +14,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-from microtrain_plugins.data.cifar10 import channel_stats
 
 import microtrain
-from microtrain.errors import DataError
-from microtrain.state import ImageData
+from microtrain import DataError, ImageData
+from microtrain_plugins.data.cifar10 import channel_stats
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
 

@@ -6,7 +6,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from microtrain.errors import DataError
+from microtrain import DataError
 
 
 def _inside(base: Path, target: Path) -> bool:

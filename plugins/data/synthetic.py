@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import microtrain
-from microtrain.state import ImageData
+from microtrain import ImageData
 
 
 def make_images(count: int, size: int, num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

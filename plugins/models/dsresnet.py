@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import microtrain
-from microtrain.errors import RecipeError
+from microtrain import RecipeError
 
 
 def separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
