@@ -16,15 +16,15 @@ import yaml
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from conftest import REPO, real_cifar_root  # noqa: E402
-from microtrain_plugins.callbacks.metrics_log import read_metrics  # noqa: E402
-from microtrain_plugins.loaders.augment_spec import canonical_transforms  # noqa: E402
-from microtrain_plugins.loaders.dali_loader import affine_matrices, build_dali_loader, draw_params  # noqa: E402
 
 from microtrain.cli import main  # noqa: E402
 from microtrain.errors import MicrotrainError, RecipeError  # noqa: E402
 from microtrain.recipe import load_recipe_file  # noqa: E402
 from microtrain.sampling import epoch_batches  # noqa: E402
 from microtrain.state import LoaderContext  # noqa: E402
+from microtrain_plugins.callbacks.metrics_log import read_metrics  # noqa: E402
+from microtrain_plugins.loaders.augment_spec import canonical_transforms  # noqa: E402
+from microtrain_plugins.loaders.dali_loader import affine_matrices, build_dali_loader, pipeline_inputs  # noqa: E402
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)
@@ -196,8 +196,8 @@ def test_dropout_holes_are_drawn_like_albumentations():
                                   "p": 1.0}},
                {"CoarseDropout": {"num_holes_range": [2, 2], "hole_height_range": [0.25, 0.5],
                                   "hole_width_range": [0.1, 0.1], "p": 0.0}}]
-    anchors, shapes, anchors2, shapes2 = draw_params(canonical_transforms(entries, "dali"), 500, 20, 40,
-                                                     np.random.default_rng(0))
+    anchors, shapes, anchors2, shapes2 = pipeline_inputs(canonical_transforms(entries, "dali"), 500, 20, 40,
+                                                         np.random.default_rng(0))
     h, w = shapes[:, 0::2], shapes[:, 1::2]
     used = h > 0
     assert sorted(np.unique(used.sum(1))) == [1, 2, 3]
@@ -205,7 +205,7 @@ def test_dropout_holes_are_drawn_like_albumentations():
     assert (anchors[:, 0::2] + h <= 20).all() and (anchors[:, 1::2] + w <= 40).all() and (anchors >= 0).all()
     assert (shapes2 == 0).all()  # p=0: every hole has size 0, the image is left alone
     always = canonical_transforms([{"CoarseDropout": {**entries[1]["CoarseDropout"], "p": 1.0}}], "dali")
-    sides = draw_params(always, 500, 20, 40, np.random.default_rng(1))[1]
+    sides = pipeline_inputs(always, 500, 20, 40, np.random.default_rng(1))[1]
     assert set(np.unique(sides[:, 0::2])) <= set(range(5, 11)) and set(np.unique(sides[:, 1::2])) == {4}
 
 
@@ -237,12 +237,19 @@ def test_a_transform_dali_cannot_express_is_named():
         loader(context(noise(8)), augment=[{"Affine": {"shear": [-5, 5]}}])
 
 
-@needs_dali
-def test_bad_options_are_recipe_errors():
-    with pytest.raises(RecipeError, match="batch_size"):
-        loader(context(noise(8)), batch_size=0)
-    with pytest.raises(RecipeError, match="threads"):
-        loader(context(noise(8)), threads=-1)
+@pytest.mark.parametrize("option, value, match", [
+    ("batch_size", 0, "loader.batch_size: must be >= 1, got 0"),
+    ("threads", -1, "loader.threads: must be >= 0, got -1"),
+    ("prefetch", 0, "loader.prefetch: must be >= 1, got 0"),
+    ("augment", [{"Blur": {"p": 0.5}}], r"loader.augment\[0\]: transform 'Blur' cannot be expressed by the dali loader"),
+])
+def test_bad_options_are_refused_when_the_recipe_is_resolved(option, value, match):
+    """No DALI needed: the resolver checks the options before anything is built."""
+    from microtrain.plugin_manager import create_plugin_manager
+
+    component = create_plugin_manager()[1].get("loader", "dali", "loader.name")
+    with pytest.raises(RecipeError, match=match):
+        component.validate({option: value}, "loader")
 
 
 # ---- the recipe and a real run ---------------------------------------------------------------------

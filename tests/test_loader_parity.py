@@ -6,7 +6,10 @@ contract as the albumentations reference, on fixed images, on the CPU:
 - each augmentation with p=1 gives the same kind of result (flip: exact mirror; dropout: a hole of
   the requested size and fill; gray: equal channels; affine: same size, borders filled as asked,
   the same image as albumentations up to interpolation rounding) and with p=0 the input itself;
-- with the seed recipe's probabilities, the fraction of augmented images is within 4 sigma of p.
+- with the seed recipe's probabilities, the fraction of augmented images is within 4 sigma of p;
+- the rules that once diverged between loaders hold in each: a fill is one number for every channel
+  or one per channel (anything else is refused, never padded or broadcast), ToGray leaves 1-channel
+  images as they are and refuses channel counts other than 1 and 3.
 
 A loader that is not registered (or whose package is not installed) is skipped, not failed."""
 
@@ -23,7 +26,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from conftest import REPO  # noqa: E402
 
-from microtrain.errors import MicrotrainError  # noqa: E402
+from microtrain.errors import MicrotrainError, RecipeError  # noqa: E402
 from microtrain.plugin_manager import create_plugin_manager  # noqa: E402
 from microtrain.recipe import load_recipe_file  # noqa: E402
 from microtrain.state import LoaderContext  # noqa: E402
@@ -55,13 +58,14 @@ LOADERS = candidate_loaders()
 OTHERS = [name for name in LOADERS if name != REFERENCE]
 
 
-def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 100, size=(n, SIZE, SIZE, 3), dtype=np.uint8)
+def images(n: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 100, size=(n, SIZE, SIZE, channels), dtype=np.uint8)
 
 
 def build(name: str, pixels: np.ndarray, augment: list, *, train: bool = True, channels_last: bool = True,
           batch_size: int = 64, seed: int = 0):
-    """Build loader ``name`` on the CPU through the registry, with the options it declares."""
+    """Build loader ``name`` on the CPU through the registry, with the options it declares (checked as the
+    recipe resolver checks them); images of any channel count get MEAN and STD's first values, repeated."""
     if not registry().has("loader", name):
         pytest.skip(f"loader '{name}' is not registered")
     component = registry().get("loader", name, "loader.name")
@@ -69,8 +73,9 @@ def build(name: str, pixels: np.ndarray, augment: list, *, train: bool = True, c
               "workers": 0, "device": "cpu", "threads": 1}
     options = component.validate({k: v for k, v in wanted.items() if k in component.options}, f"loader '{name}'")
     labels = (np.arange(len(pixels)) * 7 % 10).astype(np.int64)
-    ctx = LoaderContext(images=pixels, labels=labels, train=train, device=torch.device("cpu"), seed=seed, mean=MEAN,
-                        std=STD, channels_last=channels_last)
+    channels = pixels.shape[-1]
+    ctx = LoaderContext(images=pixels, labels=labels, train=train, device=torch.device("cpu"), seed=seed,
+                        mean=(MEAN * channels)[:channels], std=(STD * channels)[:channels], channels_last=channels_last)
     try:
         return component.build(ctx, options=options)
     except MicrotrainError as exc:
@@ -92,7 +97,9 @@ def run(name: str, pixels: np.ndarray, augment: list, epoch: int = 1, **kwargs) 
 def to_pixels(images: torch.Tensor) -> np.ndarray:
     """Undo the normalisation: (N, H, W, C) on the 0..255 scale. Not rounded: a loader may keep
     augmented values between the integer levels (the tensor loader does)."""
-    return images.permute(0, 2, 3, 1).double().numpy() * (np.array(STD) * 255.0) + np.array(MEAN) * 255.0
+    channels = images.shape[1]
+    mean, std = np.array((MEAN * channels)[:channels]), np.array((STD * channels)[:channels])
+    return images.permute(0, 2, 3, 1).double().numpy() * (std * 255.0) + mean * 255.0
 
 
 TOL = 1e-3  # "equal" on the 0..255 scale: float32 normalisation round trips to ~1e-5
@@ -255,3 +262,68 @@ def test_seed_probabilities_within_four_sigma(name, kind):
     fraction = applied(kind, to_pixels(out), plain).mean()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(fraction - p) <= 4 * sigma, (fraction, p)
+
+
+# ---- the rules that once diverged: the same answer from every loader ---------------------------------
+
+SHIFT = {"translate_percent": [0.25, 0.25], "scale": [1.0, 1.0], "rotate": [0, 0], "p": 1.0}  # 8-pixel border
+HOLE = {"num_holes_range": [1, 1], "hole_height_range": [8, 8], "hole_width_range": [8, 8], "p": 1.0}
+
+
+def filled_border(out: np.ndarray) -> np.ndarray:
+    """The pixels the 8-pixel shift leaves uncovered (top rows), one row per image."""
+    return out[:, 0]
+
+
+@pytest.mark.parametrize("channels, fill, expected", [
+    (3, [200], [200, 200, 200]),  # one value in a list: every channel (albumentations alone would fill 200, 0, 0)
+    (3, 200, [200, 200, 200]),
+    (1, 200, [200]),  # a number on gray images (the tensor loader once made it 3 values and refused it)
+    (1, [200], [200]),
+])
+@pytest.mark.parametrize("name", LOADERS)
+def test_a_single_fill_value_fills_every_channel(name, channels, fill, expected):
+    pixels = images(16, channels=channels)
+    shifted = to_pixels(run(name, pixels, [{"Affine": {**SHIFT, "fill": fill}}])[0])
+    assert same(filled_border(shifted), expected)
+    holed = to_pixels(run(name, pixels, [{"CoarseDropout": {**HOLE, "fill": fill}}])[0])
+    assert (same(holed, expected, axis=3).sum(axis=(1, 2)) == 64).all()  # one 8x8 hole of the fill in every image
+
+
+@pytest.mark.parametrize("channels, fill", [(3, [128, 128]), (1, [125, 123, 114]), (3, [1, 2, 3, 4])])
+@pytest.mark.parametrize("transform", ["Affine", "CoarseDropout"])
+@pytest.mark.parametrize("name", LOADERS)
+def test_a_fill_of_another_length_than_the_channels_is_refused(name, transform, channels, fill):
+    """Once: dali broadcast [128, 128] to 3 channels, tensor refused it, albumentations filled 128, 128, 0."""
+    args = {**(SHIFT if transform == "Affine" else HOLE), "fill": fill}
+    with pytest.raises(RecipeError) as info:
+        build(name, images(4, channels=channels), [{transform: args}])
+    assert str(info.value) == (f"loader.augment[0]: {transform}.fill has {len(fill)} values but the images have {channels} "
+                               f"channels; give one number for every channel or {channels} values")
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_gray_leaves_one_channel_images_as_they_are(name):
+    """Once: dali refused 1-channel images, tensor left them alone; albumentations leaves them alone."""
+    pixels = images(32, channels=1)
+    plain, _ = source(pixels, name)
+    out = to_pixels(run(name, pixels, [{"ToGray": {"p": 1.0}}, {"HorizontalFlip": {"p": 1.0}}])[0])
+    assert out.shape == plain.shape and same(out, plain[:, :, ::-1])
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+@pytest.mark.parametrize("name", LOADERS)
+def test_gray_refuses_other_channel_counts_than_one_and_three(name, channels):
+    with pytest.raises(RecipeError) as info:
+        build(name, images(4, channels=channels), [{"ToGray": {"p": 0.5}}])
+    assert str(info.value) == (f"loader.augment[0]: ToGray needs 3-channel (RGB) images (1-channel ones are left as they "
+                               f"are); these have {channels} channels; drop it")
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_a_pixel_hole_larger_than_the_image_is_refused(name):
+    """albumentations itself fails on it mid-epoch; the tensor loader drew nonsense sizes."""
+    hole = {**HOLE, "hole_height_range": [SIZE + 1, SIZE + 8]}
+    with pytest.raises(RecipeError, match=rf"loader.augment\[0\]: CoarseDropout.hole_height_range starts at {SIZE + 1} "
+                                          rf"pixels but the images are {SIZE} pixels in height"):
+        build(name, images(4), [{"CoarseDropout": hole}])

@@ -135,4 +135,4 @@ def test_canonical_affine_refuses_what_dali_and_tensor_cannot_express():
     with pytest.raises(RecipeError, match="translate_px cannot be expressed by the dali loader"):
         canonical_transforms([{"Affine": {"translate_px": 3}}], "dali")
     (spec,) = canonical_transforms([{"Affine": {"scale": [0.9, 1.1], "keep_ratio": True, "p": 1.0}}], "tensor")
-    assert spec == AffineSpec(1.0, (0.0, 0.0), (0.0, 0.0), (0.9, 1.1), (0.0, 0.0), (0.0, 0.0, 0.0))
+    assert spec == AffineSpec(1.0, (0.0, 0.0), (0.0, 0.0), (0.9, 1.1), (0.0, 0.0), (0.0,))  # one fill for every channel

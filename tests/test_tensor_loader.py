@@ -13,12 +13,11 @@ import torch
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from microtrain_plugins.loaders.albumentations_loader import build_albumentations_loader  # noqa: E402
-from microtrain_plugins.loaders.tensor_loader import affine, affine_theta, build_tensor_loader, sampling_grid  # noqa: E402
-
 from microtrain.errors import RecipeError  # noqa: E402
 from microtrain.sampling import epoch_batches  # noqa: E402
 from microtrain.state import LoaderContext  # noqa: E402
+from microtrain_plugins.loaders.albumentations_loader import build_albumentations_loader  # noqa: E402
+from microtrain_plugins.loaders.tensor_loader import affine, affine_theta, build_tensor_loader, sampling_grid  # noqa: E402
 
 MEAN = (0.49, 0.48, 0.45)
 STD = (0.25, 0.24, 0.26)
@@ -349,21 +348,39 @@ def test_start_batch_applies_once() -> None:
 
 # --- errors -----------------------------------------------------------------------------------
 
+def resolve(**options) -> dict:
+    """The loader section as the recipe resolver checks it (before any data is loaded)."""
+    from microtrain.plugin_manager import create_plugin_manager
+
+    return create_plugin_manager()[1].get("loader", "tensor", "loader.name").validate(options, "loader")
+
+
 @pytest.mark.parametrize("augment, match", [
     ([{"RandomBrightnessContrast": {"p": 0.5}}], "cannot be expressed by the tensor loader"),
     ([{"HorizontalFlip": {"q": 0.5}}], "no argument 'q'"),
     ([{"Affine": {"shear": [-5, 5]}}], "shear"),
-    ([{"CoarseDropout": {"fill": [1, 2], "p": 1.0}}], "channels"),
 ])
-def test_bad_augment_entries_are_one_line_recipe_errors(augment: list, match: str) -> None:
+def test_bad_augment_entries_are_refused_when_the_recipe_is_resolved(augment: list, match: str) -> None:
     with pytest.raises(RecipeError, match=match) as info:
+        resolve(augment=augment)
+    assert "\n" not in str(info.value)
+    with pytest.raises(RecipeError, match=match):  # and by the factory, for callers that skip the resolver
+        build_tensor_loader(context(random_images(4, size=8)), augment=augment)
+
+
+def test_fill_that_does_not_fit_the_channels_is_refused_when_built() -> None:
+    augment = [{"CoarseDropout": {"fill": [1, 2], "p": 1.0}}]
+    assert resolve(augment=augment)["augment"] == augment  # the channels are not known before the data
+    with pytest.raises(RecipeError, match=r"loader.augment\[0\]: CoarseDropout.fill has 2 values but the images have 3 "
+                                          "channels") as info:
         build_tensor_loader(context(random_images(4, size=8)), augment=augment)
     assert "\n" not in str(info.value)
 
 
-def test_bad_batch_size() -> None:
-    with pytest.raises(RecipeError, match="batch_size"):
-        build_tensor_loader(context(random_images(4, size=8)), batch_size=0)
+@pytest.mark.parametrize("option", ["batch_size", "eval_batch_size"])
+def test_bad_batch_size_is_refused_when_the_recipe_is_resolved(option: str) -> None:
+    with pytest.raises(RecipeError, match=f"loader.{option}: must be >= 1, got 0"):
+        resolve(**{option: 0})
 
 
 # --- through the engine -----------------------------------------------------------------------

@@ -8,57 +8,18 @@ on the number of workers and a run can be resumed exactly.
 
 from __future__ import annotations
 
-import inspect
-import os
 import warnings
 from collections.abc import Iterator
-from typing import Any
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from microtrain_plugins.loaders.augment_spec import parse_augment_list
 
 import microtrain
-from microtrain.errors import RecipeError
+from microtrain import Check, Range
 from microtrain.sampling import EpochBatches, batch_seed
 from microtrain.state import LoaderContext
-
-
-def build_transforms(entries: list[Any], where: str = "loader.augment"):
-    """Recipe list -> albumentations Compose. An argument albumentations does not know is an error."""
-    import albumentations as A
-
-    transforms = []
-    for i, (name, args) in enumerate(parse_augment_list(entries, where)):
-        cls = getattr(A, name, None)
-        if not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
-            from microtrain.errors import did_you_mean
-
-            known = [n for n in dir(A) if inspect.isclass(getattr(A, n)) and issubclass(getattr(A, n), A.BasicTransform)]
-            raise RecipeError(f"{where}[{i}]: '{name}' is not an albumentations transform{did_you_mean(name, known)}")
-        params = inspect.signature(cls.__init__).parameters
-        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        valid = [p for p in params if p not in ("self", "args", "kwargs")]
-        for key in args:
-            if key not in params or (accepts_any and key not in valid):
-                from microtrain.errors import did_you_mean
-
-                raise RecipeError(
-                    f"{where}[{i}]: {name} has no argument '{key}'{did_you_mean(key, valid)} in albumentations 2.x "
-                    f"(it would be silently ignored); its arguments are: {', '.join(valid)}"
-                )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                warnings.filterwarnings("ignore", message=".*special case of Affine.*")  # ShiftScaleRotate works as Affine
-                transforms.append(cls(**args))
-        except Exception as exc:  # pydantic ValidationError, UserWarning turned error, TypeError
-            first = str(exc).strip().splitlines()
-            detail = " ".join(line.strip() for line in first[:3])
-            raise RecipeError(f"{where}[{i}]: invalid arguments for {name}: {detail[:300]}") from None
-    return A.Compose(transforms)
+from microtrain_plugins.loaders.augment_spec import CONTRACT, build_transforms, check_against_images, check_augment_list
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -77,7 +38,9 @@ class _BatchDataset(torch.utils.data.Dataset):
             if self._pipeline is None:  # built in the worker process: albumentations objects stay there
                 self._pipeline = build_transforms(self.augment)
             self._pipeline.set_random_seed(batch_seed(self.seed, epoch, number, self.rank))
-            images = np.stack([self._pipeline(image=image)["image"] for image in images])
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The image is already gray")  # ToGray on gray images: as it is
+                images = np.stack([self._pipeline(image=image)["image"] for image in images])
         return torch.from_numpy(images), torch.from_numpy(self.labels[indices])
 
     def __len__(self) -> int:  # unused: batches are addressed through the sampler's keys
@@ -92,8 +55,8 @@ class AlbumentationsLoader(EpochBatches):
         super().__init__(context, batch_size=batch_size, eval_batch_size=eval_batch_size, drop_last=drop_last)
         self.workers = workers
         augment = augment if self.train else []
-        if augment:
-            build_transforms(augment)  # validate now, in the main process, so errors surface before training
+        if augment:  # here, in the main process, so an error surfaces before any worker starts
+            check_against_images(augment, context.images.shape[1:])
         self.dataset = _BatchDataset(context.images, context.labels, augment, context.seed, context.rank)
         device = context.device
         channels = context.images.shape[-1]
@@ -138,14 +101,15 @@ class _KeySampler(torch.utils.data.Sampler):
         return len(self.loader)
 
 
-def build_albumentations_loader(context: LoaderContext, *, batch_size: int = 128, eval_batch_size: int = 500,
-                                workers: int = 1, augment: list = [], drop_last: bool = False,  # noqa: B006
-                                prefetch_factor: int = 4) -> AlbumentationsLoader:
-    """CPU augmentation with albumentations in DataLoader worker processes (any albumentations transform)."""
-    if batch_size < 1 or eval_batch_size < 1:
-        raise RecipeError("loader.batch_size and loader.eval_batch_size must be at least 1")
-    if workers < 0:
-        raise RecipeError(f"loader.workers must be 0 (augment in the main process) or more, got {workers}")
+def build_albumentations_loader(context: LoaderContext, *, batch_size: Annotated[int, Range(ge=1)] = 128,
+                                eval_batch_size: Annotated[int, Range(ge=1)] = 500,
+                                workers: Annotated[int, Range(ge=0)] = 1,
+                                augment: Annotated[list, Check(check_augment_list, CONTRACT)] = [],  # noqa: B006
+                                drop_last: bool = False,
+                                prefetch_factor: Annotated[int, Range(ge=1)] = 4) -> AlbumentationsLoader:
+    """CPU augmentation with albumentations in DataLoader worker processes (any size-keeping transform).
+
+    ``workers=0`` augments in the main process."""
     return AlbumentationsLoader(context, batch_size=batch_size, eval_batch_size=eval_batch_size, workers=workers,
                                 augment=augment, drop_last=drop_last, prefetch_factor=prefetch_factor)
 

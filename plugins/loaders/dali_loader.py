@@ -3,27 +3,43 @@ CPU, with ``device_id=None``, where there is no GPU or ``loader.device=cpu``).
 
 DALI has no CIFAR reader, so the dataset's uint8 images enter through ``fn.external_source`` one
 batch at a time, in the order ``microtrain.sampling.epoch_batches`` gives: the same samples in the
-same batches as every other loader. Every random number of a batch (coins, affine matrices, hole
-positions) is drawn here with NumPy from ``batch_seed(seed, epoch, batch, rank)`` and fed in beside
-the images, so the augmentation depends only on those four numbers: runs are reproducible and a
-resumed run continues exactly. DALI operators then do the pixel work, on the GPU after the
-transfer in GPU mode, and the batch reaches torch without a host round trip.
+same batches as every other loader. Every random number of a batch (coins, affine parameters, hole
+positions) is drawn with NumPy from ``batch_seed(seed, epoch, batch, rank)`` by
+``augment_spec.draw_batch`` (the tensor loader's draws, from another generator), turned into DALI's
+inputs here and fed in beside the images, so the augmentation depends only on those four numbers:
+runs are reproducible and a resumed run continues exactly. DALI operators then do the pixel work,
+on the GPU after the transfer in GPU mode, and the batch reaches torch without a host round trip.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from microtrain_plugins.loaders.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
 
 import microtrain
+from microtrain import Check, Range
 from microtrain.errors import MicrotrainError, RecipeError
 from microtrain.sampling import EpochBatches, batch_seed
 from microtrain.state import LoaderContext
+from microtrain_plugins.loaders.augment_spec import (
+    CANONICAL_CONTRACT,
+    AffineSpec,
+    DropoutSpec,
+    FlipSpec,
+    GraySpec,
+    NumpyRandom,
+    Spec,
+    canonical_check,
+    canonical_specs,
+    changes_pixels,
+    draw_batch,
+    spec_fill,
+    whole_levels,
+)
 
 INSTALL_HINT = 'pip install -e ".[dali]"'
 
@@ -44,7 +60,7 @@ def import_dali():
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-batch random parameters, drawn with NumPy (pure functions, so they are testable without DALI).
+# A batch's random parameters as DALI's inputs (pure functions, so they are testable without DALI).
 
 def affine_matrices(tx: np.ndarray, ty: np.ndarray, scale: np.ndarray, angle: np.ndarray,
                     height: int, width: int) -> np.ndarray:
@@ -65,64 +81,40 @@ def affine_matrices(tx: np.ndarray, ty: np.ndarray, scale: np.ndarray, angle: np
     return m
 
 
-def hole_sizes(spec: DropoutSpec, count: tuple[int, ...], height: int, width: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Hole heights and widths the way albumentations' CoarseDropout reads its ranges: pixels when
-    the upper height bound is at least 1 (clipped to the image), otherwise fractions of the side."""
-    if spec.height[1] >= 1:
-        lo_h, hi_h = min(int(spec.height[0]), height), min(int(spec.height[1]), height)
-        lo_w, hi_w = min(int(spec.width[0]), width), min(int(spec.width[1]), width)
-        return rng.integers(lo_h, hi_h + 1, size=count), rng.integers(lo_w, hi_w + 1, size=count)
-    return ((height * rng.uniform(*spec.height, size=count)).astype(np.int64),
-            (width * rng.uniform(*spec.width, size=count)).astype(np.int64))
-
-
-def draw_params(specs: list[Spec], size: int, height: int, width: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The random inputs of one batch of ``size`` images, spec by spec, in a fixed draw order.
+def pipeline_inputs(specs: list[Spec], size: int, height: int, width: int, rng: np.random.Generator,
+                    channels: int = 3) -> list[np.ndarray]:
+    """The random inputs of one batch of ``size`` images, spec by spec, for the specs that change
+    images of ``channels`` channels (the others still draw, so the stream stays the same).
 
     Flip: int32 coins (``horizontal``). Affine: bool coins, float32 matrices. Dropout: float32
     anchors and shapes ``(y, x, ...)`` of ``max holes`` regions (unused ones have size 0).
     Gray: bool coins."""
-    params: list[np.ndarray] = []
-    for spec in specs:
-        coin = rng.random(size) < spec.p
-        if isinstance(spec, Flip):
-            params.append(coin.astype(np.int32))
+    inputs: list[np.ndarray] = []
+    for spec, draw in zip(specs, draw_batch(specs, size, height, width, NumpyRandom(rng)), strict=True):
+        if not changes_pixels(spec, channels):
+            continue
+        if isinstance(spec, FlipSpec):
+            inputs.append(draw.apply.astype(np.int32))
         elif isinstance(spec, AffineSpec):
-            tx = np.trunc(rng.uniform(*spec.translate_x, size=size) * width)  # albumentations: int(t * width)
-            ty = np.trunc(rng.uniform(*spec.translate_y, size=size) * height)
-            scale = rng.uniform(*spec.scale, size=size)
-            angle = rng.uniform(*spec.rotate, size=size)
-            params += [coin, affine_matrices(tx, ty, scale, angle, height, width)]
+            drawn = draw.params
+            inputs += [draw.apply, affine_matrices(drawn.translate_x, drawn.translate_y, drawn.scale, drawn.rotate,
+                                                   height, width)]
         elif isinstance(spec, DropoutSpec):
-            most = max(int(spec.holes[1]), 1)
-            holes = rng.integers(int(spec.holes[0]), int(spec.holes[1]) + 1, size=size)
-            h, w = hole_sizes(spec, (size, most), height, width, rng)
-            y = rng.integers(0, height - h + 1)
-            x = rng.integers(0, width - w + 1)
-            used = coin[:, None] & (np.arange(most)[None, :] < holes[:, None])
-            h, w = np.where(used, h, 0), np.where(used, w, 0)
-            params += [np.stack([y, x], axis=2).reshape(size, 2 * most).astype(np.float32),
+            holes = draw.params
+            used = draw.apply[:, None] & holes.active
+            h, w = np.where(used, holes.height, 0), np.where(used, holes.width, 0)
+            most = used.shape[1]
+            inputs += [np.stack([holes.top, holes.left], axis=2).reshape(size, 2 * most).astype(np.float32),
                        np.stack([h, w], axis=2).reshape(size, 2 * most).astype(np.float32)]
         elif isinstance(spec, GraySpec):
-            params.append(coin)
-    return params
+            inputs.append(draw.apply)
+    return inputs
 
 
-def params_count(spec: Spec) -> int:
+def inputs_count(spec: Spec, channels: int) -> int:
+    if not changes_pixels(spec, channels):
+        return 0
     return 2 if isinstance(spec, (AffineSpec, DropoutSpec)) else 1
-
-
-def pixel_fill(fill: tuple[float, ...], channels: int, what: str, whole) -> list[float]:
-    """A fill value per channel in 0..255, made whole as albumentations does (``whole``: np.rint for
-    cv2's border value, np.trunc for CoarseDropout's uint8 cast)."""
-    values = list(fill)
-    if len(set(values)) == 1:
-        values = values[:1] * channels
-    if len(values) != channels:
-        raise RecipeError(f"loader.augment: {what} fill has {len(values)} values but the images have {channels} channels; "
-                          f"give one value or {channels}")
-    return [float(whole(min(max(v, 0.0), 255.0))) for v in values]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,15 +126,13 @@ class DaliLoader(EpochBatches):
                  drop_last: bool, device: str, threads: int, prefetch: int):
         self.fn, self.types, self.pipeline_def, self.feed_ndarray, self.torch_type = import_dali()
         super().__init__(context, batch_size=batch_size, eval_batch_size=eval_batch_size, drop_last=drop_last)
-        self.specs = canonical_transforms(augment, "dali") if self.train and augment else []
+        self.specs = canonical_specs(augment, "dali", context.images.shape[1:]) if self.train and augment else []
         self.gpu = pick_mode(device, context.device)
         self.threads = threads
         self.prefetch = prefetch
         _, self.height, self.width, self.channels = context.images.shape
-        if any(isinstance(s, GraySpec) for s in self.specs) and self.channels != 3:
-            raise RecipeError(f"loader.augment: ToGray needs RGB images, these have {self.channels} channels; drop it")
-        self.fills = {i: pixel_fill(s.fill, self.channels, "Affine" if isinstance(s, AffineSpec) else "CoarseDropout",
-                                    np.rint if isinstance(s, AffineSpec) else np.trunc)
+        # DALI writes uint8 images, so the fill is taken in whole levels, as albumentations takes it.
+        self.fills = {i: list(whole_levels(s, spec_fill(s, self.channels, i)))
                       for i, s in enumerate(self.specs) if isinstance(s, (AffineSpec, DropoutSpec))}
         self._batches: list[tuple[int, np.ndarray]] = []
         self._pipe = self._build()
@@ -159,17 +149,17 @@ class DaliLoader(EpochBatches):
         params: list[np.ndarray] = []
         if self.specs:
             rng = np.random.default_rng(batch_seed(c.seed, self.epoch, number, c.rank))
-            params = draw_params(self.specs, len(indices), self.height, self.width, rng)
+            params = pipeline_inputs(self.specs, len(indices), self.height, self.width, rng, self.channels)
         return (images, c.labels[indices].astype(np.int64), *params)
 
     def _build(self):
         fn, types = self.fn, self.types
         c = self.context
-        outputs = 2 + sum(params_count(s) for s in self.specs)
+        outputs = 2 + sum(inputs_count(s, self.channels) for s in self.specs)
         mean = [255.0 * m for m in c.mean]
         std = [255.0 * s for s in c.std]
         layout = "HWC" if c.channels_last else "CHW"
-        specs, fills, gpu = self.specs, self.fills, self.gpu
+        specs, fills, gpu, channels = self.specs, self.fills, self.gpu, self.channels
 
         def warp(images, matrix, fill: list[float]):
             if len(set(fill)) == 1:
@@ -199,7 +189,9 @@ class DaliLoader(EpochBatches):
             if gpu:
                 images, labels = images.gpu(), labels.gpu()
             for i, spec in enumerate(specs):
-                if isinstance(spec, Flip):
+                if not changes_pixels(spec, channels):
+                    continue
+                if isinstance(spec, FlipSpec):
                     images = fn.flip(images, horizontal=params.pop(0))
                 elif isinstance(spec, AffineSpec):
                     images = affine(images, params.pop(0), params.pop(0), fills[i])
@@ -281,16 +273,15 @@ def default_threads() -> int:
     return max(1, min(cores, 8))
 
 
-def build_dali_loader(context: LoaderContext, *, batch_size: int = 128, eval_batch_size: int = 500,
-                      augment: list = [], drop_last: bool = False,  # noqa: B006
-                      device: Literal["auto", "cpu", "gpu"] = "auto", threads: int = 0, prefetch: int = 2) -> DaliLoader:
-    """NVIDIA DALI pipeline: augmentation on the GPU (device=auto|gpu) or on DALI's CPU operators (cpu)."""
-    if batch_size < 1 or eval_batch_size < 1:
-        raise RecipeError("loader.batch_size and loader.eval_batch_size must be at least 1")
-    if threads < 0:
-        raise RecipeError(f"loader.threads must be 0 (one per core, at most 8) or more, got {threads}")
-    if prefetch < 1:
-        raise RecipeError(f"loader.prefetch must be at least 1, got {prefetch}")
+def build_dali_loader(context: LoaderContext, *, batch_size: Annotated[int, Range(ge=1)] = 128,
+                      eval_batch_size: Annotated[int, Range(ge=1)] = 500,
+                      augment: Annotated[list, Check(canonical_check("dali"), CANONICAL_CONTRACT)] = [],  # noqa: B006
+                      drop_last: bool = False, device: Literal["auto", "cpu", "gpu"] = "auto",
+                      threads: Annotated[int, Range(ge=0)] = 0,
+                      prefetch: Annotated[int, Range(ge=1)] = 2) -> DaliLoader:
+    """NVIDIA DALI pipeline: augmentation on the GPU (device=auto|gpu) or on DALI's CPU operators (cpu).
+
+    ``threads=0`` takes one per core, at most 8."""
     return DaliLoader(context, batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment,
                       drop_last=drop_last, device=device, threads=threads or default_threads(), prefetch=prefetch)
 

@@ -7,30 +7,46 @@ tensor, then each augmentation is a handful of batched tensor ops (a per-sample 
 broadcast index comparisons). On a GPU the images never leave the device; on a CPU this avoids
 the DataLoader's inter-process copies.
 
-The recipe's ``augment`` list is the same as for the other loaders; it is validated by
-albumentations and read back as loader-neutral specs (microtrain_plugins.loaders.augment_spec), so an argument means
-the same thing here. Sample order comes from microtrain.sampling.epoch_batches and every batch's
-random draws from a generator seeded with microtrain.sampling.batch_seed(seed, epoch, batch, rank):
-results depend only on (seed, epoch, batch), so resuming mid-epoch reproduces the same batches.
+The recipe's ``augment`` list is the same as for the other loaders: microtrain_plugins.loaders.augment_spec
+validates it, reads it back as loader-neutral specs and draws every batch's random parameters (the
+same draws as the dali loader's, from a torch generator here), so an argument means the same thing
+here. Sample order comes from microtrain.sampling.epoch_batches and the generator is seeded with
+microtrain.sampling.batch_seed(seed, epoch, batch, rank): results depend only on (seed, epoch,
+batch), so resuming mid-epoch reproduces the same batches.
 
 Augmentation works in float32 on the 0-255 scale and is not rounded back to integers in between
-(albumentations rounds to uint8 after every transform), so values can differ from it by < 1 level.
+(albumentations rounds to uint8 after every transform, and a fractional fill to a whole level), so
+values can differ from it by < 1 level.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from microtrain_plugins.loaders.augment_spec import AffineSpec, DropoutSpec, Flip, GraySpec, Spec, canonical_transforms
 
 import microtrain
+from microtrain import Check, Range
 from microtrain.errors import RecipeError
 from microtrain.sampling import EpochBatches, batch_seed
 from microtrain.state import LoaderContext
+from microtrain_plugins.loaders.augment_spec import (
+    CANONICAL_CONTRACT,
+    AffineSpec,
+    DropoutSpec,
+    FlipSpec,
+    GraySpec,
+    Spec,
+    TorchRandom,
+    canonical_check,
+    canonical_specs,
+    changes_pixels,
+    draw_batch,
+    spec_fill,
+)
 
 LUMA = (0.299, 0.587, 0.114)
 
@@ -113,78 +129,35 @@ def gray(images: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 
-def _uniform(low: float, high: float, size: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return low + (high - low) * torch.rand(size, generator=generator, device=device)
-
-
-def _randint(low: torch.Tensor | int, high_inclusive: torch.Tensor | int, size: tuple[int, ...],
-             generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Integers uniform in [low, high_inclusive]; the bounds may be tensors (one per element)."""
-    span = high_inclusive - low + 1
-    return low + (torch.rand(size, generator=generator, device=device) * span).floor().long()
-
-
 class BatchAugment:
     """The canonical specs of a recipe's augment list, applied to whole batches in order."""
 
     def __init__(self, specs: list[Spec], channels: int, height: int, width: int, device: torch.device):
         self.specs = specs
-        self.height, self.width = height, width
+        self.channels, self.height, self.width = channels, height, width
         self.device = device
-        self.fills: dict[int, torch.Tensor] = {}
-        for i, spec in enumerate(specs):
-            if isinstance(spec, GraySpec) and channels not in (1, 3):
-                raise RecipeError(f"loader.augment[{i}]: ToGray needs 3-channel (or 1-channel) images, these have {channels}")
-            if isinstance(spec, (AffineSpec, DropoutSpec)):
-                fill = spec.fill
-                if len(fill) == 1:
-                    fill = fill * channels
-                if len(fill) != channels:
-                    raise RecipeError(f"loader.augment[{i}]: fill has {len(spec.fill)} values but the images have "
-                                      f"{channels} channels; give one value or one per channel")
-                self.fills[i] = torch.tensor(fill, dtype=torch.float32, device=device)
+        self.fills = {i: torch.tensor(spec_fill(spec, channels, i), dtype=torch.float32, device=device)
+                      for i, spec in enumerate(specs) if isinstance(spec, (AffineSpec, DropoutSpec))}
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        b, device = images.shape[0], self.device
-        for i, spec in enumerate(self.specs):
-            apply = torch.rand(b, generator=generator, device=device) < spec.p
-            if isinstance(spec, Flip):
-                images = flip(images, apply)
+        h, w = self.height, self.width
+        draws = draw_batch(self.specs, images.shape[0], h, w, TorchRandom(generator, self.device))
+        for i, (spec, draw) in enumerate(zip(self.specs, draws, strict=True)):
+            if not changes_pixels(spec, self.channels):
+                continue
+            if isinstance(spec, FlipSpec):
+                images = flip(images, draw.apply)
             elif isinstance(spec, AffineSpec):
-                images = affine(images, apply, self._theta(spec, b, generator), self.fills[i])
+                shift = torch.stack([draw.params.translate_x, draw.params.translate_y], dim=1)
+                theta = affine_theta(shift, draw.params.scale, draw.params.rotate, h, w)
+                images = affine(images, draw.apply, theta, self.fills[i])
             elif isinstance(spec, DropoutSpec):
-                images = dropout(images, apply, self._holes(spec, b, generator), self.fills[i])
+                holes = draw.params
+                mask = hole_mask(holes.top, holes.left, holes.height, holes.width, holes.active, h, w)
+                images = dropout(images, draw.apply, mask, self.fills[i])
             elif isinstance(spec, GraySpec):
-                if images.shape[1] == 3:
-                    images = gray(images, apply)
+                images = gray(images, draw.apply)
         return images
-
-    def _theta(self, spec: AffineSpec, b: int, generator: torch.Generator) -> torch.Tensor:
-        """Per-sample parameters drawn as albumentations draws them (translation truncated to pixels)."""
-        device, h, w = self.device, self.height, self.width
-        tx = torch.trunc(_uniform(*spec.translate_x, (b,), generator, device) * w)
-        ty = torch.trunc(_uniform(*spec.translate_y, (b,), generator, device) * h)
-        scale = _uniform(*spec.scale, (b,), generator, device)
-        rotate = _uniform(*spec.rotate, (b,), generator, device)
-        return affine_theta(torch.stack([tx, ty], dim=1), scale, rotate, h, w)
-
-    def _holes(self, spec: DropoutSpec, b: int, generator: torch.Generator) -> torch.Tensor:
-        """Hole sizes and places as albumentations' CoarseDropout draws them: pixel sizes when the
-        height range's upper end is >= 1, else fractions of the side; top-left uniform over the
-        positions where the hole fits."""
-        device, h, w = self.device, self.height, self.width
-        k = int(spec.holes[1])
-        count = _randint(int(spec.holes[0]), k, (b,), generator, device)
-        active = torch.arange(k, device=device).view(1, k) < count.view(b, 1)
-        if spec.height[1] >= 1:
-            heights = _randint(int(spec.height[0]), int(min(spec.height[1], h)), (b, k), generator, device)
-            widths = _randint(int(spec.width[0]), int(min(spec.width[1], w)), (b, k), generator, device)
-        else:
-            heights = (h * _uniform(*spec.height, (b, k), generator, device)).long()
-            widths = (w * _uniform(*spec.width, (b, k), generator, device)).long()
-        top = _randint(0, h - heights, (b, k), generator, device)
-        left = _randint(0, w - widths, (b, k), generator, device)
-        return hole_mask(top, left, heights, widths, active, h, w)
 
 
 class TensorLoader(EpochBatches):
@@ -201,7 +174,7 @@ class TensorLoader(EpochBatches):
         # NHWC storage: a gathered batch permuted to NCHW is already channels_last in memory.
         self.images = torch.as_tensor(np.ascontiguousarray(context.images)).to(device)
         self.labels = torch.as_tensor(np.asarray(context.labels, dtype=np.int64)).to(device)
-        specs = canonical_transforms(augment, "tensor") if (augment and self.train) else []
+        specs = canonical_specs(augment, "tensor", (h, w, channels)) if augment and self.train else []
         self.augment = BatchAugment(specs, channels, h, w, device) if specs else None
         self.mean = torch.tensor(context.mean, device=device).view(1, channels, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(context.std, device=device).view(1, channels, 1, 1) * 255.0)
@@ -226,11 +199,11 @@ class TensorLoader(EpochBatches):
             yield images.contiguous(memory_format=fmt), self.labels.index_select(0, index)
 
 
-def build_tensor_loader(context: LoaderContext, *, batch_size: int = 128, eval_batch_size: int = 500,
-                        augment: list = [], drop_last: bool = False) -> TensorLoader:  # noqa: B006
+def build_tensor_loader(context: LoaderContext, *, batch_size: Annotated[int, Range(ge=1)] = 128,
+                        eval_batch_size: Annotated[int, Range(ge=1)] = 500,
+                        augment: Annotated[list, Check(canonical_check("tensor"), CANONICAL_CONTRACT)] = [],  # noqa: B006
+                        drop_last: bool = False) -> TensorLoader:
     """Whole dataset as one uint8 tensor on the device; batched torch-op augmentation, no workers."""
-    if batch_size < 1 or eval_batch_size < 1:
-        raise RecipeError("loader.batch_size and loader.eval_batch_size must be at least 1")
     return TensorLoader(context, batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment,
                         drop_last=drop_last)
 
