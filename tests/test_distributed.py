@@ -35,7 +35,7 @@ def _all_ranks(n: int, batch: int, world: int, drop_last: bool, epoch: int = 1) 
 
 
 def test_smaller_shard_gets_no_empty_last_batch():
-    """193 samples on 2 ranks in batches of 16: rank 1 (96 samples) used to get an empty 7th batch."""
+    """193 samples on 2 ranks in batches of 16: rank 1 (96 samples) must not get an empty 7th batch."""
     ranks = _all_ranks(TRAIN_SIZE, BATCH, 2, drop_last=False)
     assert [len(r) for r in ranks] == [7, 7]
     assert [len(b) for b in ranks[0]] == [16] * 6 + [1]

@@ -327,3 +327,25 @@ def test_a_pixel_hole_larger_than_the_image_is_refused(name):
     with pytest.raises(RecipeError, match=rf"loader.augment\[0\]: CoarseDropout.hole_height_range starts at {SIZE + 1} "
                                           rf"pixels but the images are {SIZE} pixels in height"):
         build(name, images(4), [{"CoarseDropout": hole}])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("name", LOADERS)
+def test_a_fresh_loader_starts_a_resumed_epoch_at_its_start_batch(name, workers):
+    """A resumed process builds new loaders: their very first pass must skip the batches already trained
+    (a multi-worker DataLoader asks its sampler twice when its first iterator is made)."""
+    if workers and name != "albumentations":
+        pytest.skip("only the albumentations loader has worker processes")
+    pixels = images(256)
+    augment = [{"HorizontalFlip": {"p": 0.5}}]
+    whole = build(name, pixels, augment, batch_size=32)
+    whole.set_epoch(2)
+    expected = [batch[0].clone() for batch in whole][3:]
+    fresh = build(name, pixels, augment, batch_size=32)
+    if workers:
+        fresh = type(fresh)(fresh.context, batch_size=32, eval_batch_size=32, workers=workers, augment=augment,
+                            drop_last=False, prefetch_factor=2)
+    fresh.set_epoch(2, 3)
+    resumed = [batch[0].clone() for batch in fresh]
+    assert len(resumed) == len(expected) == 5
+    assert all(torch.equal(a, b) for a, b in zip(resumed, expected, strict=True))

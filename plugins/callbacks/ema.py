@@ -109,6 +109,24 @@ class EMA:
     @microtrain.hookimpl
     def before_epoch(self, state):
         self.recent_batches = []
+        if self.bn_buffers and state.batch_index:  # resumed mid-epoch: the kept batches were not saved
+            self.recent_batches = self._reread_batches(state)
+
+    def _reread_batches(self, state) -> list[torch.Tensor]:
+        """The epoch's batches before ``state.batch_index`` that the re-estimate would have kept, read again: a
+        loader's batches depend only on (seed, epoch, batch), so they are those an uninterrupted run saw."""
+        first = max(state.steps_per_epoch - self.bn_batches, 0)
+        count = state.batch_index - first
+        if count <= 0:
+            return []
+        kept: list[torch.Tensor] = []
+        state.train_loader.set_epoch(state.epoch, first)
+        for images, _ in state.train_loader:
+            kept.append(images.detach().clone())
+            if len(kept) == count:
+                break
+        state.train_loader.set_epoch(state.epoch, state.batch_index)
+        return kept
 
     @microtrain.hookimpl
     def after_batch(self, state):

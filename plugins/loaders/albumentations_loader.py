@@ -95,7 +95,9 @@ class _KeySampler(torch.utils.data.Sampler):
         self.loader = loader
 
     def __iter__(self):
-        return iter(self.loader.keys())
+        # A generator, so the keys are read when the first batch is asked for: a new multi-worker DataLoader
+        # iterator calls iter(sampler) twice and drops the first one, which must not use up a resume's start batch.
+        yield from self.loader.keys()
 
     def __len__(self) -> int:
         return len(self.loader)
