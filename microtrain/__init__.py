@@ -21,12 +21,13 @@ from microtrain.errors import (
 )
 from microtrain.hookspecs import hookimpl, hookspec
 from microtrain.recipe import dump_recipe, plugin_entries
+from microtrain.sampling import EpochBatches, batch_seed, epoch_batches
 from microtrain.state import ImageData, LoaderContext, State
 
 __version__ = "0.1.0"
 __all__ = [
-    "Check", "CheckpointError", "DataError", "Engine", "ImageData", "Interrupted", "LoaderContext", "MicrotrainError",
+    "Check", "CheckpointError", "DataError", "Engine", "EpochBatches", "ImageData", "Interrupted", "LoaderContext", "MicrotrainError",
     "PluginError", "Range", "RecipeError", "Run", "State", "TrainingStopped", "__version__", "atomic_save", "autocast",
-    "build_run", "did_you_mean", "dump_recipe", "evaluate", "hookimpl", "hookspec", "load_checkpoint",
+    "batch_seed", "build_run", "did_you_mean", "dump_recipe", "epoch_batches", "evaluate", "hookimpl", "hookspec", "load_checkpoint",
     "make_checkpoint", "plugin_entries",
 ]

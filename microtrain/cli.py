@@ -89,6 +89,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_plugins(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from microtrain import hookspecs
@@ -129,12 +130,11 @@ def _cmd_plugins(args) -> int:
     hooks.add_column("hook")
     hooks.add_column("arguments")
     hooks.add_column("when" if not args.hooks else "documentation")
-    for name, func in inspect.getmembers(hookspecs, inspect.isfunction):
-        if not hasattr(func, "microtrain_spec"):
-            continue
+    specs = [func for _, func in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(func, "microtrain_spec")]
+    for func in sorted(specs, key=lambda f: f.__code__.co_firstlineno):  # the order of hookspecs.py: a run's order
         doc = inspect.getdoc(func) or ""
-        text = doc if args.hooks else doc.split(".")[0] + "."
-        hooks.add_row(name, ", ".join(inspect.signature(func).parameters), text)
+        text = doc if args.hooks else doc.split("\n\n")[0].split(". ")[0].rstrip(".") + "."
+        hooks.add_row(func.__name__, ", ".join(inspect.signature(func).parameters), escape(text))
     console.print(hooks)
     return 0
 

@@ -10,7 +10,7 @@ A rule beyond the type is declared with the option, so it is checked when the re
 resolved (before any run dir exists) and ``microtrain plugins`` shows it:
 
     def build_sgd(model, *, lr: Annotated[float, Range(gt=0)] = 0.05,
-                  augment: Annotated[list, Check(parse_augment_list, "albumentations transforms")] = ()): ...
+                  augment: Annotated[list, Check(check_augment_list, "albumentations transforms")] = ()): ...
 """
 
 from __future__ import annotations

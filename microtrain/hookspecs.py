@@ -1,13 +1,15 @@
-"""The hooks a plugin may implement. Every hook but ``register_components`` receives the one
-``state`` object (microtrain.state.State): read what you need from it, change what the hook's
+"""The hooks a plugin may implement: this module is their reference (``microtrain plugins --hooks``
+prints it). Every hook but ``register_components`` and ``register_commands`` receives the one
+``state`` object (microtrain.State): read what you need from it, change what the hook's
 docstring allows, set ``state.stop_training = True`` to stop after the current epoch.
 
 Order within a run:
+    register_commands            once, when the command line starts (add a subcommand)
     register_components          once, when the plugin manager is built
     before_fit                   model, optimizer, loaders and run dir exist
       before_epoch
         before_batch / after_batch   for every training batch
-      before_eval / on_eval        evaluation on the test split
+      before_eval / predict / on_eval   evaluation on the test split (predict: for every test batch)
       after_epoch
     after_fit                    always after the last epoch (also when stopped early)
     on_checkpoint_save / on_checkpoint_load   when a checkpoint is written or restored

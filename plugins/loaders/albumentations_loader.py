@@ -16,9 +16,7 @@ import numpy as np
 import torch
 
 import microtrain
-from microtrain import Check, Range
-from microtrain.sampling import EpochBatches, batch_seed
-from microtrain.state import LoaderContext
+from microtrain import Check, EpochBatches, LoaderContext, Range, batch_seed
 from microtrain_plugins.loaders.augment_spec import CONTRACT, build_transforms, check_against_images, check_augment_list
 
 

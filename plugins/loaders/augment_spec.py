@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from microtrain.errors import RecipeError, did_you_mean
+from microtrain import RecipeError, did_you_mean
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
 

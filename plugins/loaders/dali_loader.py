@@ -21,10 +21,7 @@ import numpy as np
 import torch
 
 import microtrain
-from microtrain import Check, Range
-from microtrain.errors import MicrotrainError, RecipeError
-from microtrain.sampling import EpochBatches, batch_seed
-from microtrain.state import LoaderContext
+from microtrain import Check, EpochBatches, LoaderContext, MicrotrainError, Range, RecipeError, batch_seed
 from microtrain_plugins.loaders.augment_spec import (
     CANONICAL_CONTRACT,
     AffineSpec,

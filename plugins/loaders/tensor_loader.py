@@ -10,8 +10,8 @@ the DataLoader's inter-process copies.
 The recipe's ``augment`` list is the same as for the other loaders: microtrain_plugins.loaders.augment_spec
 validates it, reads it back as loader-neutral specs and draws every batch's random parameters (the
 same draws as the dali loader's, from a torch generator here), so an argument means the same thing
-here. Sample order comes from microtrain.sampling.epoch_batches and the generator is seeded with
-microtrain.sampling.batch_seed(seed, epoch, batch, rank): results depend only on (seed, epoch,
+here. Sample order comes from microtrain.epoch_batches and the generator is seeded with
+microtrain.batch_seed(seed, epoch, batch, rank): results depend only on (seed, epoch,
 batch), so resuming mid-epoch reproduces the same batches.
 
 Augmentation works in float32 on the 0-255 scale and is not rounded back to integers in between
@@ -29,10 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import microtrain
-from microtrain import Check, Range
-from microtrain.errors import RecipeError
-from microtrain.sampling import EpochBatches, batch_seed
-from microtrain.state import LoaderContext
+from microtrain import Check, EpochBatches, LoaderContext, Range, RecipeError, batch_seed
 from microtrain_plugins.loaders.augment_spec import (
     CANONICAL_CONTRACT,
     AffineSpec,
