@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,12 +128,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def configure_threads(threads: int, world_size: int) -> None:
-    """0 means every core, shared out between the processes of a distributed run on one host."""
+    """0 means every core available, shared out between the processes of a distributed run on one host.
+
+    More threads than cores available are capped to the cores, with a warning, rather than refused: a recipe
+    written on a big machine still runs on a small one (and resumes there, its saved recipe unchanged), and
+    threads beyond the cores only contend for them (OpenMP crashed outright at 100,000)."""
+    cores = available_cores()
     if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         threads = max(1, cores // max(1, local))
+    elif threads > cores:
+        if distributed.rank() == 0:
+            print(f"microtrain: warning: threads={threads} but this process may use {cores} core"
+                  f"{'s' if cores != 1 else ''}; using {cores}", file=sys.stderr)
+        threads = cores
     torch.set_num_threads(threads)
 
 

@@ -16,6 +16,7 @@ resolved (before any run dir exists) and ``microtrain plugins`` shows it:
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -31,7 +32,10 @@ _MISSING = inspect.Parameter.empty
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds on a number option: ``Annotated[float, Range(gt=0, lt=1)]``."""
+    """Bounds on a number option: ``Annotated[float, Range(gt=0, lt=1)]``.
+
+    NaN and infinities never fit: an option with bounds is a finite number, and NaN compares false with
+    every bound, so it would otherwise slip through as far as the first training step."""
 
     ge: float | None = None
     gt: float | None = None
@@ -41,17 +45,22 @@ class Range:
     def check(self, value: Any, where: str) -> Any:
         if value is None:
             return value
-        fits = (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt) and \
-            (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        fits = math.isfinite(value) and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt) \
+            and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
         if not fits:
             raise RecipeError(f"{where}: must be {self.describe()}, got {value!r}; fix the value in the recipe "
                               f"or override it as {where}=VALUE")
         return value
 
     def describe(self) -> str:
-        parts = [f"{word} {bound:g}" for bound, word in ((self.ge, ">="), (self.gt, ">"), (self.le, "<="), (self.lt, "<"))
-                 if bound is not None]
-        return " and ".join(parts)
+        parts = [f"{word} {_number(bound)}" for bound, word in ((self.ge, ">="), (self.gt, ">"), (self.le, "<="),
+                                                                 (self.lt, "<")) if bound is not None]
+        return " and ".join(parts) or "a finite number"
+
+
+def _number(bound: float) -> str:
+    """A bound as a person writes it: 4294967295 and 1e-08, not 4.29497e+09 and 1e-08.0."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 @dataclass(frozen=True)
@@ -191,19 +200,38 @@ class Registry:
 
 
 def type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) is typing.Annotated:
-        base, *rules = typing.get_args(annotation)
+    """A type as ``microtrain plugins`` and error messages write it, rules included: ``float >= 0 and < 1``,
+    ``list[int >= 1]``, ``float >= 0, or none``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        base, *rules = args
         described = [rule.describe() for rule in rules if hasattr(rule, "describe")]
         return " ".join([type_name(base), *described])
     if annotation is Any:
         return "any"
+    if annotation is type(None):
+        return "none"
+    if origin in (typing.Union, types.UnionType):
+        names = [type_name(arg) for arg in args]
+        return ", or ".join(names) if any(" " in name for name in names) else " or ".join(names)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple, dict) and args:
+        inner = "..." if args[-1] is Ellipsis and len(args) == 2 else None
+        items = [type_name(arg) for arg in args if arg is not Ellipsis]
+        return f"{origin.__name__}[{', '.join(items)}{', ' + inner if inner else ''}]"
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
 
 
+class _TypeMismatch(RecipeError):
+    """The value is not of the option's type (as opposed to a value of the right type that breaks a rule): a union
+    tries its next member on this, and reports a rule's own message on any other RecipeError."""
+
+
 def check_type(value: Any, annotation: Any, where: str) -> Any:
-    """Return ``value`` if it fits ``annotation`` (ints are accepted as floats), else raise RecipeError."""
+    """Return ``value`` if it fits ``annotation`` and its rules (ints are accepted as floats), else raise RecipeError."""
     if annotation is Any:
         return value
     origin = typing.get_origin(annotation)
@@ -219,13 +247,13 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
         for arg in args:
             try:
                 return check_type(value, arg, where)
-            except RecipeError:
+            except _TypeMismatch:
                 continue
         raise _type_error(value, annotation, where)
     if origin is typing.Literal:
-        if value in args:
+        if any(type(value) is type(arg) and value == arg for arg in args):  # True is not 1 here
             return value
-        raise RecipeError(
+        raise _TypeMismatch(
             f"{where}: {value!r} is not allowed{did_you_mean(value, args)}; choose one of {', '.join(map(repr, args))}"
         )
     if annotation is type(None):
@@ -237,7 +265,7 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
             raise _type_error(value, annotation, where)
         if args and args[-1] is not Ellipsis and origin is tuple:
             if len(args) != len(value):
-                raise RecipeError(f"{where}: expected {len(args)} values, got {len(value)}")
+                raise _TypeMismatch(f"{where}: expected {len(args)} values ({type_name(annotation)}), got {len(value)}")
             return [check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         item = args[0] if args else Any
         return [check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -247,7 +275,11 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
         return value
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer too large for a float (10**400)
+                raise RecipeError(f"{where}: {value} is too large for a number of this kind; fix the value in the "
+                                  f"recipe or override it as {where}=VALUE") from None
         raise _type_error(value, annotation, where)
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -261,7 +293,9 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
 
 
 def _type_error(value: Any, annotation: Any, where: str) -> RecipeError:
-    return RecipeError(
-        f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {value!r}; fix the value in the "
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."  # a pasted mapping must not flood the one line
+    return _TypeMismatch(
+        f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {shown}; fix the value in the "
         f"recipe or override it as {where}=VALUE"
     )

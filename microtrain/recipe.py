@@ -1,5 +1,6 @@
-"""Recipes: YAML files (read with ``yaml.safe_load`` only), dotted command-line overrides, and
-validation against the core fields below and against the options each picked component declares.
+"""Recipes: YAML files and dotted command-line overrides (both read by :func:`load_yaml`: ``yaml.safe_load``
+with bounds on size and alias expansion, and no duplicate keys), validated against the core fields below and
+against the options each picked component declares.
 
 A resolved recipe is a plain dict; every component section holds ``name`` plus every option
 with its default filled in, so the saved ``recipe.yaml`` says exactly what ran. Its ``plugins``
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from microtrain.components import Range, Registry, check_type
+from microtrain.components import Check, Range, Registry, check_type
 from microtrain.errors import RecipeError, did_you_mean
 
 COMPONENT_SECTIONS = {"model": "model", "data": "data", "loader": "loader", "optimizer": "optimizer", "schedule": "schedule"}
@@ -36,21 +37,140 @@ class CoreField:
     help: str
 
 
+MAX_THREADS = 4096
+"""More torch threads than any machine this runs on has cores; above it, a value is a typo (100000 made OpenMP crash)."""
+
+
+def check_device(value: str, where: str) -> str:
+    """A device torch can name (cuda:N whether or not this machine has it: that is checked when the run starts)."""
+    if value == "auto":
+        return value
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"{where}: {value!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    return value
+
+
 CORE_FIELDS: dict[str, CoreField] = {
     "name": CoreField(str, REQUIRED, "the run's name; run dirs go to runs/<name>/<timestamp>"),
-    "epochs": CoreField(Annotated[int, Range(ge=1)], REQUIRED, "number of training epochs"),
-    "seed": CoreField(int, 0, "seed for shuffling, augmentation and initialisation"),
-    "device": CoreField(str, "auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N"),
-    "threads": CoreField(Annotated[int, Range(ge=0)], 0, "torch CPU threads; 0 uses every core"),
+    "epochs": CoreField(Annotated[int, Range(ge=1, le=1_000_000)], REQUIRED, "number of training epochs"),
+    "seed": CoreField(Annotated[int, Range(ge=0, le=2**32 - 1)], 0, "seed for shuffling, augmentation and initialisation"),
+    "device": CoreField(Annotated[str, Check(check_device, "(auto, cpu, cuda or cuda:N)")], "auto",
+                        "auto (cuda when present, else cpu), cpu, cuda or cuda:N"),
+    "threads": CoreField(Annotated[int, Range(ge=0, le=MAX_THREADS)], 0,
+                         "torch CPU threads; 0 uses every core available, shared between a host's processes; more than "
+                         "the cores available to the process is capped to them, with a warning"),
     "precision": CoreField(Literal["fp32", "bf16", "fp16"], "fp32", "fp32, or autocast to bf16 / fp16 for the forward pass"),
     "channels_last": CoreField(bool, True, "NHWC memory layout for conv models (faster on CPU and tensor cores)"),
     "compile": CoreField(bool, False, "torch.compile the model"),
     "deterministic": CoreField(bool, False, "deterministic algorithms (exact resume, slower on GPU)"),
     "label_smoothing": CoreField(Annotated[float, Range(ge=0, lt=1)], 0.0, "label smoothing of the cross-entropy loss"),
-    "grad_clip": CoreField(Annotated[float, Range(gt=0)] | None, None, "clip the gradient norm to this value (none: no clipping)"),
+    "grad_clip": CoreField(Annotated[float, Range(ge=0)] | None, None,
+                           "clip the gradient norm to this value (none or 0: no clipping)"),
     "sync_batchnorm": CoreField(bool, False, "use SyncBatchNorm across ranks in distributed GPU runs"),
     "plugins": CoreField(list, DEFAULT_PLUGINS, "callbacks by name (a dict gives options) and plugin modules by import path"),
 }
+
+MAX_RECIPE_BYTES = 1_000_000
+"""A recipe is a page of YAML; a bigger file is not one (and is not read into memory)."""
+MAX_RECIPE_NODES = 100_000
+"""Values a recipe may hold once its aliases are expanded (a 1,000-class reference table is 2,000). Aliases are
+shared when read, but validation, saving and checkpoints expand them: an 855-byte alias bomb reached 16 GB."""
+MAX_RECIPE_DEPTH = 50
+"""Nesting levels of lists and mappings; a recipe uses four or five."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only: nothing is imported or called) that also refuses a key given twice
+    in one mapping, which YAML would silently resolve to the last one (``epochs: 2`` ... ``epochs: 5``)."""
+
+    source = "<recipe>"
+    show_lines = True  # off for a one-line override
+
+    def at(self, node: yaml.Node) -> str:
+        return f"{self.source}:{node.start_mark.line + 1}" if self.show_lines else self.source
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first_seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys a '<<' merge brings in may be overridden: that is what merging is for
+                key = self.construct_object(key_node)
+                try:
+                    first = first_seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: PyYAML refuses it with its own message
+                    continue
+                if first is not key_node:
+                    first_at = f" (first at line {first.start_mark.line + 1})" if self.show_lines else ""
+                    raise RecipeError(f"{self.at(key_node)}: duplicate key {key!r}{first_at}; YAML would silently keep "
+                                      "the last one: remove one of them")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, loader: RecipeLoader) -> int:
+    """The number of values ``node`` holds with every alias expanded, refused past MAX_RECIPE_NODES or nested past
+    MAX_RECIPE_DEPTH (aliases of aliases nest too). Each node's size and height are memoised, so a billion-laughs
+    recipe is refused after a few hundred steps, in kilobytes."""
+    measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels below it)
+    open_nodes: set[int] = set()
+
+    def too_deep(current: yaml.Node) -> RecipeError:
+        return RecipeError(f"{loader.at(current)}: lists and mappings nested deeper than {MAX_RECIPE_DEPTH} levels "
+                           "(counting what aliases bring in); a recipe needs a few")
+
+    def measure(current: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(current)
+        if key in open_nodes:
+            raise RecipeError(f"{loader.at(current)}: an alias refers to the list or mapping that holds it (an "
+                              "endless value); write the values out")
+        if key not in measured:
+            if depth > MAX_RECIPE_DEPTH:
+                raise too_deep(current)
+            open_nodes.add(key)
+            if isinstance(current, yaml.SequenceNode):
+                children = current.value
+            elif isinstance(current, yaml.MappingNode):
+                children = [child for pair in current.value for child in pair]
+            else:
+                children = []
+            total, height = 1, 0
+            for child in children:
+                child_total, child_height = measure(child, depth + 1)
+                total, height = total + child_total, max(height, child_height + 1)
+                if total > MAX_RECIPE_NODES:
+                    raise RecipeError(f"{loader.source}: expands to more than {MAX_RECIPE_NODES:,} values once its "
+                                      "aliases are expanded (aliases of aliases?); a recipe is a page of settings: "
+                                      "write them out")
+            open_nodes.discard(key)
+            measured[key] = (total, height)
+        total, height = measured[key]
+        if depth + height > MAX_RECIPE_DEPTH:
+            raise too_deep(current)
+        return total, height
+
+    return measure(node, 0)[0]
+
+
+def load_yaml(text: str, source: str = "<recipe>", *, show_lines: bool = True) -> Any:
+    """``yaml.safe_load`` with a recipe's bounds: size, values after alias expansion, nesting, no duplicate keys.
+    Over a bound: RecipeError; malformed YAML: PyYAML's own exceptions (the callers word them)."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source}: {len(text):,} characters is too large for a recipe (at most "
+                          f"{MAX_RECIPE_BYTES:,}); is this the right file?")
+    loader = RecipeLoader(text)
+    loader.source, loader.show_lines = source, show_lines
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, loader)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_recipe_file(path: str | Path) -> dict[str, Any]:
@@ -59,6 +179,9 @@ def load_recipe_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' not found; pass the path to a .yaml recipe, e.g. recipes/cifar10_dsconv.yaml")
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:  # refused before it is read into memory
+            raise RecipeError(f"recipe '{path}' is {path.stat().st_size:,} bytes, too large for a recipe (at most "
+                              f"{MAX_RECIPE_BYTES:,}); is this the right file?")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe '{path}': {exc}") from None
@@ -67,7 +190,9 @@ def load_recipe_file(path: str | Path) -> dict[str, Any]:
 
 def parse_recipe_text(text: str, source: str = "<recipe>") -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, source)
+    except RecipeError:
+        raise
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -98,7 +223,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in parts):
         raise RecipeError(f"override '{text}' has an empty key; write it as key.path=value, e.g. loader.batch_size=256")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override '{key.strip()}'", show_lines=False) if raw.strip() else ""
+    except RecipeError:  # a duplicate key or a value past the recipe bounds is never taken as text
+        raise
     except Exception:  # not valid YAML (or a value PyYAML cannot build, like 2001-02-30): take it as text
         value = raw
     return parts, value
