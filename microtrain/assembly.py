@@ -34,7 +34,7 @@ from microtrain.engine import Engine, evaluate
 from microtrain.errors import MicrotrainError
 from microtrain.plugin_manager import call_hook, create_plugin_manager, register_callback, register_module
 from microtrain.recipe import apply_overrides, load_recipe_file, module_exists, plugin_entries, resolve_recipe
-from microtrain.state import LoaderContext, State
+from microtrain.state import ImageData, LoaderContext, State
 
 EVALUATION_HOOKS = ("on_checkpoint_load", "before_eval", "predict")
 """A callback that implements one of these takes part in evaluation (EMA weights, test-time augmentation)."""
@@ -167,13 +167,16 @@ def setup_process(recipe: dict[str, Any]) -> torch.device:
     return device
 
 
-def build_state(recipe: dict[str, Any], run_dir: Path, pm: pluggy.PluginManager, registry: Registry) -> State:
-    """Everything a run needs, built from a resolved recipe (after :func:`setup_process`'s set-up)."""
+def build_state(recipe: dict[str, Any], run_dir: Path, pm: pluggy.PluginManager, registry: Registry,
+                data: ImageData | None = None) -> State:
+    """Everything a run needs, built from a resolved recipe (after :func:`setup_process`'s set-up); ``data``, when
+    given, is used instead of building the recipe's dataset."""
     rank, world_size = distributed.rank(), distributed.world_size()
     device = setup_process(recipe)
 
-    data_cfg = dict(recipe["data"])
-    data = registry.get("data", data_cfg.pop("name"), "data.name").build(options=data_cfg)
+    if data is None:
+        data_cfg = dict(recipe["data"])
+        data = registry.get("data", data_cfg.pop("name"), "data.name").build(options=data_cfg)
 
     loader_cfg = dict(recipe["loader"])
     loader_component = registry.get("loader", loader_cfg.pop("name"), "loader.name")
@@ -219,20 +222,22 @@ def build_state(recipe: dict[str, Any], run_dir: Path, pm: pluggy.PluginManager,
 
 def build_run(recipe: str | Path | Mapping[str, Any], overrides: Iterable[str] = (), *, run_dir: str | Path | None = None,
               callbacks: CallbackChoice = "all", checkpoint: str | Path | Mapping[str, Any] | None = None,
-              extra_plugins: Mapping[str, object] | None = None) -> Run:
+              extra_plugins: Mapping[str, object] | None = None, data: ImageData | None = None) -> Run:
     """Build a run from a recipe (a path or a mapping) and dotted overrides.
 
     ``callbacks`` picks which of the recipe's callbacks are enabled (see :func:`enable_plugins`); plugin
     modules the recipe names are always registered. ``extra_plugins`` (name -> plugin object) are registered
     too, before the checkpoint is restored. ``checkpoint`` (a path, or a checkpoint already loaded) is
     restored into the state: weights, optimizer, schedule, RNG, and what plugins saved (EMA weights).
+    ``data`` replaces the recipe's dataset (microtrain.load_run passes the classes, shape and statistics a checkpoint
+    recorded, with blank images, to rebuild a model without reading its data).
     Nothing is written here; ``run_dir`` (default ``runs/<name>/<timestamp>``) is where plugins write."""
     resolved, pm, registry = prepare_recipe(recipe, overrides)
     enable_plugins(resolved, pm, registry, callbacks)
     for name, plugin in (extra_plugins or {}).items():
         if pm.get_plugin(name) is None:
             pm.register(plugin, name=name)
-    state = build_state(resolved, Path(run_dir) if run_dir is not None else default_run_dir(resolved), pm, registry)
+    state = build_state(resolved, Path(run_dir) if run_dir is not None else default_run_dir(resolved), pm, registry, data)
     engine = Engine(state)
     loaded = None
     if checkpoint is not None:
