@@ -23,10 +23,11 @@ class FlipTTA:
         """Mean logits of the images and their mirror; None (plain forward) when flip is off."""
         if not self.flip:
             return None
-        both = torch.cat([images, images.flip(3)])
-        logits = model(both)
-        plain, mirrored = logits.chunk(2)
-        return (plain + mirrored) * 0.5
+        count = images.shape[0]
+        logits = model(torch.cat([images, images.flip(3)]))
+        # Slices, not chunk(2): torch.export cannot prove chunk's halves are `count` long for every batch size, so an
+        # exported model with a dynamic batch (microtrain export) would fail; the values are the same.
+        return (logits[:count] + logits[count:]) * 0.5
 
 
 def build_tta(*, flip: bool = True) -> FlipTTA:
