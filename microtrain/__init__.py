@@ -2,7 +2,8 @@
 
 What a plugin (or a script) may use is exported here; everything else in the package is the core's own.
 Write a plugin with ``@microtrain.hookimpl`` functions (see microtrain.hookspecs for the hooks); build
-and train or evaluate a run from a recipe with :func:`build_run`.
+and train or evaluate a run from a recipe with :func:`build_run`; load a finished run to classify images with
+:func:`load_run`.
 """
 
 from microtrain.assembly import Run, build_run
@@ -20,14 +21,16 @@ from microtrain.errors import (
     did_you_mean,
 )
 from microtrain.hookspecs import hookimpl, hookspec
+from microtrain.loading import LoadedRun, load_run
 from microtrain.recipe import dump_recipe, plugin_entries
 from microtrain.sampling import EpochBatches, batch_seed, epoch_batches
 from microtrain.state import ImageData, LoaderContext, State
 
 __version__ = "0.1.0"
 __all__ = [
-    "Check", "CheckpointError", "DataError", "Engine", "EpochBatches", "ImageData", "Interrupted", "LoaderContext", "MicrotrainError",
-    "PluginError", "Range", "RecipeError", "Run", "State", "TrainingStopped", "__version__", "atomic_save", "autocast",
-    "batch_seed", "build_run", "did_you_mean", "dump_recipe", "epoch_batches", "evaluate", "hookimpl", "hookspec", "load_checkpoint",
-    "make_checkpoint", "plugin_entries",
+    "Check", "CheckpointError", "DataError", "Engine", "EpochBatches", "ImageData", "Interrupted", "LoadedRun",
+    "LoaderContext", "MicrotrainError", "PluginError", "Range", "RecipeError", "Run", "State", "TrainingStopped",
+    "__version__", "atomic_save", "autocast", "batch_seed", "build_run", "did_you_mean", "dump_recipe",
+    "epoch_batches", "evaluate", "hookimpl", "hookspec", "load_checkpoint", "load_run", "make_checkpoint",
+    "plugin_entries",
 ]
