@@ -201,7 +201,7 @@ class Registry:
 
 def type_name(annotation: Any) -> str:
     """A type as ``microtrain plugins`` and error messages write it, rules included: ``float >= 0 and < 1``,
-    ``list[int >= 1]``, ``float >= 0, or none``."""
+    ``list of int >= 1``, ``float >= 0, or none``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Annotated:
         base, *rules = args
@@ -216,10 +216,14 @@ def type_name(annotation: Any) -> str:
         return ", or ".join(names) if any(" " in name for name in names) else " or ".join(names)
     if origin is typing.Literal:
         return "one of " + ", ".join(map(repr, args))
-    if origin in (list, tuple, dict) and args:
-        inner = "..." if args[-1] is Ellipsis and len(args) == 2 else None
-        items = [type_name(arg) for arg in args if arg is not Ellipsis]
-        return f"{origin.__name__}[{', '.join(items)}{', ' + inner if inner else ''}]"
+    # No square brackets: they read as markup in `microtrain plugins`' tables.
+    if origin in (list, tuple) and args and (origin is list or args[-1] is Ellipsis):
+        return f"list of {type_name(args[0])}"
+    if origin is tuple and args:
+        names = [type_name(arg) for arg in args]
+        return f"{len(names)} values, each {names[0]}" if len(set(names)) == 1 else f"{len(names)} values: {'; '.join(names)}"
+    if origin is dict and args:
+        return f"mapping of {type_name(args[0])} to {type_name(args[1])}"
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")

@@ -7,12 +7,17 @@ run's total steps and steps per epoch.
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
 import microtrain
-from microtrain import RecipeError
+from microtrain import Range, RecipeError
+
+POSITIVE = Range(gt=0)
+NON_NEGATIVE = Range(ge=0)
+BETA = Annotated[float, Range(ge=0, lt=1)]
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
@@ -26,31 +31,30 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_sgd(model: nn.Module, *, lr: float = 0.05, momentum: float = 0.9, nesterov: bool = True,
-              weight_decay: float = 5e-4, decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
+def build_sgd(model: nn.Module, *, lr: Annotated[float, POSITIVE] = 0.05,
+              momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9, nesterov: bool = True,
+              weight_decay: Annotated[float, NON_NEGATIVE] = 5e-4, decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
     """SGD with momentum (Nesterov by default) and weight decay."""
-    if nesterov and momentum <= 0:
+    if nesterov and momentum <= 0:  # a rule across two options, so it is checked here
         raise RecipeError("optimizer.nesterov=true needs optimizer.momentum > 0")
     return torch.optim.SGD(parameter_groups(model, weight_decay, decay_norm_and_bias), lr=lr, momentum=momentum,
                            nesterov=nesterov)
 
 
-def build_adamw(model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                weight_decay: float = 0.05, eps: float = 1e-8, decay_norm_and_bias: bool = False) -> torch.optim.Optimizer:
+def build_adamw(model: nn.Module, *, lr: Annotated[float, POSITIVE] = 1e-3, betas: tuple[BETA, BETA] = (0.9, 0.999),
+                weight_decay: Annotated[float, NON_NEGATIVE] = 0.05, eps: Annotated[float, POSITIVE] = 1e-8,
+                decay_norm_and_bias: bool = False) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay)."""
     return torch.optim.AdamW(parameter_groups(model, weight_decay, decay_norm_and_bias), lr=lr, betas=tuple(betas),
                              eps=eps)
 
 
-def build_onecycle(optimizer, total_steps: int, steps_per_epoch: int, *, max_lr: float = 0.1, pct_start: float = 0.25,
-                   div_factor: float = 25.0, final_div_factor: float = 1e4, anneal: str = "cos",
+def build_onecycle(optimizer, total_steps: int, steps_per_epoch: int, *, max_lr: Annotated[float, POSITIVE] = 0.1,
+                   pct_start: Annotated[float, Range(gt=0, lt=1)] = 0.25, div_factor: Annotated[float, POSITIVE] = 25.0,
+                   final_div_factor: Annotated[float, POSITIVE] = 1e4, anneal: Literal["cos", "linear"] = "cos",
                    three_phase: bool = False):
     """OneCycle: warm up to max_lr over pct_start of the run, then anneal to max_lr/(div*final_div)."""
-    if anneal not in ("cos", "linear"):
-        raise RecipeError(f"schedule.anneal: '{anneal}' is not cos or linear")
-    if not 0.0 < pct_start < 1.0:
-        raise RecipeError(f"schedule.pct_start must be between 0 and 1, got {pct_start}")
-    if total_steps < 4:
+    if total_steps < 4:  # known only once the data and batch size are
         raise RecipeError(f"schedule onecycle needs at least 4 steps in the run, this one has {total_steps}; "
                           "train more epochs, lower loader.batch_size, or use schedule.name=constant")
     # Very short runs (tests, smoke checks): keep at least one step in each phase.
@@ -65,8 +69,8 @@ def _lambda_schedule(optimizer, factor_of_step):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor_of_step)
 
 
-def build_cosine(optimizer, total_steps: int, steps_per_epoch: int, *, warmup_epochs: float = 0.0,
-                 min_lr_ratio: float = 0.0):
+def build_cosine(optimizer, total_steps: int, steps_per_epoch: int, *, warmup_epochs: Annotated[float, NON_NEGATIVE] = 0.0,
+                 min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.0):
     """Linear warm-up (optional), then cosine decay of the optimizer's lr to lr * min_lr_ratio."""
     warmup = int(warmup_epochs * steps_per_epoch)
 
@@ -79,11 +83,9 @@ def build_cosine(optimizer, total_steps: int, steps_per_epoch: int, *, warmup_ep
     return _lambda_schedule(optimizer, factor)
 
 
-def build_step(optimizer, total_steps: int, steps_per_epoch: int, *, step_epochs: int = 15, gamma: float = 0.1,
-               warmup_epochs: float = 0.0):
+def build_step(optimizer, total_steps: int, steps_per_epoch: int, *, step_epochs: Annotated[int, Range(ge=1)] = 15,
+               gamma: Annotated[float, Range(gt=0, le=1)] = 0.1, warmup_epochs: Annotated[float, NON_NEGATIVE] = 0.0):
     """Multiply the lr by gamma every step_epochs epochs (after an optional linear warm-up)."""
-    if step_epochs < 1:
-        raise RecipeError("schedule.step_epochs must be at least 1")
     warmup = int(warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
@@ -94,7 +96,7 @@ def build_step(optimizer, total_steps: int, steps_per_epoch: int, *, step_epochs
     return _lambda_schedule(optimizer, factor)
 
 
-def build_constant(optimizer, total_steps: int, steps_per_epoch: int, *, warmup_epochs: float = 0.0):
+def build_constant(optimizer, total_steps: int, steps_per_epoch: int, *, warmup_epochs: Annotated[float, NON_NEGATIVE] = 0.0):
     """The optimizer's lr throughout (after an optional linear warm-up)."""
     warmup = int(warmup_epochs * steps_per_epoch)
     return _lambda_schedule(optimizer, lambda step: (step + 1) / warmup if step < warmup else 1.0)

@@ -73,7 +73,7 @@ def make_folder(root, size=(8, 8)):
             folder = root / split / cls
             folder.mkdir(parents=True)
             for i in range(count):
-                Image.new("RGB", size, (index * 200, i * 10, 50)).save(folder / f"{i}.png")
+                Image.new("RGB", size, (index * 200, i * 10, 50 + index)).save(folder / f"{i}.png")
 
 
 def test_imagefolder_classes_sorted_by_folder_name(tmp_path):

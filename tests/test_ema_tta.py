@@ -119,8 +119,12 @@ def test_ema_is_the_model_evaluated_and_survives_a_checkpoint_round_trip() -> No
 @pytest.mark.parametrize("options", [{"decay": 1.0}, {"decay": -0.1}, {"every_steps": 0}, {"bn_batches": -1},
                                      {"bn_batches": 2.5}, {"bn_batches": True}])
 def test_ema_bad_options(options: dict) -> None:
+    """The rules are declared with the options, so they are checked when a recipe is resolved."""
+    from microtrain.plugin_manager import create_plugin_manager
+
+    ema = create_plugin_manager()[1].get("callback", "ema", "plugins")
     with pytest.raises(RecipeError, match="plugins.ema"):
-        build_ema(**options)
+        ema.validate(options, "plugins.ema")
 
 
 def run_epoch(ema, model: nn.Module, state, inputs: list[torch.Tensor], generator: torch.Generator) -> None:

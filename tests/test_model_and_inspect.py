@@ -63,8 +63,11 @@ def test_dsresnet_size_output_and_options():
     assert len(deeper.stages) == 4 and deeper(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     with pytest.raises(RecipeError, match="same number of stages"):
         build_dsresnet(10, (3, 32, 32), widths=[32, 64], blocks=[2])
-    with pytest.raises(RecipeError, match="positive integers"):
-        build_dsresnet(10, (3, 32, 32), widths=[32, 0], blocks=[2, 2])
+    from microtrain.plugin_manager import create_plugin_manager  # single-option rules are checked at resolution
+
+    dsresnet = create_plugin_manager()[1].get("model", "dsresnet", "model.name")
+    with pytest.raises(RecipeError, match=r"model.widths\[1\]: must be >= 1 and <= 1024, got 0"):
+        dsresnet.validate({"widths": [32, 0], "blocks": [2, 2]}, "model")
 
 
 def test_dsresnet_blocks_start_as_the_identity():

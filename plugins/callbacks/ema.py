@@ -23,14 +23,14 @@ weights in the checkpoint's ``model`` entry stay the raw trained weights.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 
 import microtrain
-from microtrain import RecipeError
+from microtrain import Range
 
 
 def batchnorm_buffer_names(model: torch.nn.Module) -> set[str]:
@@ -165,16 +165,11 @@ class EMA:
         self.updates = int(saved["updates"])
 
 
-def build_ema(*, decay: float = 0.999, warmup: bool = True, every_steps: int = 1, bn_batches: int = 20) -> EMA:
+def build_ema(*, decay: Annotated[float, Range(ge=0, lt=1)] = 0.999, warmup: bool = True,
+              every_steps: Annotated[int, Range(ge=1)] = 1,
+              bn_batches: Annotated[int, Range(ge=0, le=10_000)] = 20) -> EMA:
     """EMA of the weights, evaluated in place of the model with BatchNorm statistics re-estimated from the
-    epoch's last ``bn_batches`` training batches; saved in checkpoints."""
-    if not 0.0 <= decay < 1.0:
-        raise RecipeError(f"plugins.ema.decay must be in [0, 1), got {decay}; 0.999 is a usual value")
-    if every_steps < 1:
-        raise RecipeError(f"plugins.ema.every_steps must be at least 1, got {every_steps}")
-    if not isinstance(bn_batches, int) or isinstance(bn_batches, bool) or bn_batches < 0:
-        raise RecipeError(f"plugins.ema.bn_batches must be an integer >= 0 (0 copies the trained model's BatchNorm "
-                          f"statistics), got {bn_batches!r}; 20 is the default")
+    epoch's last ``bn_batches`` training batches (0: copied from the trained model); saved in checkpoints."""
     return EMA(decay=decay, warmup=warmup, every_steps=every_steps, bn_batches=bn_batches)
 
 

@@ -5,10 +5,13 @@ accuracy, and wall time; also written to ``<run dir>/summary.json``."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
+from typing import Annotated, Any
 
 import microtrain
+from microtrain import Check, Range, RecipeError
 
 
 def summarize(history: list[dict], wall_seconds: float | None = None, last: int = 5) -> dict:
@@ -71,8 +74,23 @@ class Summary:
         )
 
 
-def build_summary(*, reference: dict | None = None, reference_name: str = "reference", last: int = 5) -> Summary:
-    """End-of-run table: per-class accuracy, best and last-N mean accuracy, wall time (summary.json)."""
+def check_reference(table: dict[Any, Any], where: str) -> dict[str, Any]:
+    """Class name -> accuracy in percent; names are text (a folder named 3 is class '3')."""
+    for name, accuracy in table.items():
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not math.isfinite(accuracy) \
+                or not 0 <= accuracy <= 100:
+            raise RecipeError(f"{where}.{name}: expected an accuracy in percent (0 to 100), got {accuracy!r}; write the "
+                              f"reference as {{class name: percent, ...}}")
+    return {str(name): accuracy for name, accuracy in table.items()}
+
+
+REFERENCE = Annotated[dict, Check(check_reference, "(class name: accuracy %, 0 to 100)")] | None
+
+
+def build_summary(*, reference: REFERENCE = None, reference_name: str = "reference",
+                  last: Annotated[int, Range(ge=1)] = 5) -> Summary:
+    """End-of-run table: per-class accuracy, best and mean accuracy of the last ``last`` epochs, wall time
+    (summary.json); ``reference`` adds a column of per-class figures to compare with."""
     return Summary(reference=reference, reference_name=reference_name, last=last)
 
 

@@ -11,8 +11,10 @@ package (``pip install 'microtrain[tensorboard]'``); asking for it without is on
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import microtrain
-from microtrain import MicrotrainError
+from microtrain import MicrotrainError, Range
 
 
 def _summary_writer_class():
@@ -108,8 +110,10 @@ class TensorBoardLogger:
             self.writer = None
 
 
-def build_tensorboard(*, every_steps: int = 50, images: bool = True, mistakes: int = 24) -> TensorBoardLogger:
-    """TensorBoard events in <run dir>/tensorboard: scalars per step and epoch, confusion and mistakes as images."""
+def build_tensorboard(*, every_steps: Annotated[int, Range(ge=0)] = 50, images: bool = True,
+                      mistakes: Annotated[int, Range(ge=0, le=256)] = 24) -> TensorBoardLogger:
+    """TensorBoard events in <run dir>/tensorboard: scalars per step (every_steps; 0: per epoch only) and epoch,
+    confusion and the most confident mistakes as images (one grid cell each, hence the bound)."""
     return TensorBoardLogger(_summary_writer_class(), every_steps=every_steps, images=images, mistakes=mistakes)
 
 

@@ -17,11 +17,12 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 
 import microtrain
-from microtrain import DataError, ImageData
+from microtrain import DataError, ImageData, Range
 from microtrain_plugins.data.safe_archive import extract_tar_safely
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -129,14 +130,15 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     flat = images.reshape(-1, images.shape[-1])
     mean = flat.mean(axis=0, dtype=np.float64) / 255.0
     sq = (flat.astype(np.float32) ** 2).mean(axis=0, dtype=np.float64) / 255.0**2
-    std = np.sqrt(sq - mean**2)
+    std = np.sqrt(np.maximum(sq - mean**2, 0.0))  # a constant channel's rounding error must give 0, not NaN
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
 def build_cifar10(*, root: str | None = None, download_missing: bool = True, verify: bool = True,
-                  url: str = OFFICIAL_URL, archive_md5: str = OFFICIAL_MD5, limit_train: int = 0,
-                  limit_test: int = 0) -> ImageData:
-    """CIFAR-10, 50,000 training and 10,000 test images of 32x32 in 10 classes."""
+                  url: str = OFFICIAL_URL, archive_md5: str = OFFICIAL_MD5,
+                  limit_train: Annotated[int, Range(ge=0)] = 0, limit_test: Annotated[int, Range(ge=0)] = 0) -> ImageData:
+    """CIFAR-10, 50,000 training and 10,000 test images of 32x32 in 10 classes (limit_train / limit_test: the
+    first N of each split, 0 for all)."""
     base = Path(root).expanduser() if root else default_root()
     folder = find_folder(base)
     if folder is None:

@@ -5,25 +5,56 @@
 
 Classes are the folder names, sorted. Every image is decoded once at start into memory (this
 framework trains small classifiers on small images); all must have the same size, or set
-``image_size`` to resize them. An unreadable image stops the run with its path.
+``image_size`` to resize them. An unreadable image stops the run with its path; so does a training
+class folder without images (it would be a class the model can never be shown) and a colour channel
+that has the same value in every training image (its std is 0 and normalising it gives NaN).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 
 import microtrain
-from microtrain import DataError, ImageData
+from microtrain import DataError, ImageData, Range
 from microtrain_plugins.data.cifar10 import channel_stats
 
 EXTENSIONS = {".png", ".jpg", ".jpeg"}
 
 
+CHANNELS = ("red", "green", "blue")  # every image is converted to RGB
+
+
 def _class_folders(split_dir: Path) -> list[str]:
     return sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in EXTENSIONS and not path.name.startswith(".")
+
+
+def _training_classes(train_dir: Path) -> list[str]:
+    """The class folders of the training split, each holding at least one image (checked without decoding)."""
+    classes = _class_folders(train_dir)
+    if not classes:
+        raise DataError(f"imagefolder: no class folders in {train_dir}; make one folder per class")
+    for name in classes:
+        if not any(_is_image(path) for path in (train_dir / name).iterdir()):
+            raise DataError(f"imagefolder: class folder {train_dir / name} has no .png/.jpg/.jpeg image, so its class "
+                            "could never be learnt; put its images there or remove the folder")
+    return classes
+
+
+def _check_channels(std: tuple[float, ...], train_dir: Path) -> None:
+    """A channel with std 0 (to the 4 decimals kept) cannot be normalised: it would divide by zero."""
+    for channel, value in zip(CHANNELS, std, strict=False):
+        if value == 0:
+            raise DataError(f"imagefolder: the {channel} channel has the same value in every training image under "
+                            f"{train_dir} (std 0), so normalising it divides by zero; the images are blank or one "
+                            "colour: check that they were copied or exported correctly")
 
 
 def _decode(path: Path, image_size: int | None) -> np.ndarray:
@@ -47,7 +78,7 @@ def read_split(split_dir: Path, classes: list[str], image_size: int | None) -> t
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if path.suffix.lower() not in EXTENSIONS:
+            if not _is_image(path):
                 continue
             array = _decode(path, image_size)
             if shape is None:
@@ -64,17 +95,19 @@ def read_split(split_dir: Path, classes: list[str], image_size: int | None) -> t
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
-def build_imagefolder(*, root: str | None = None, image_size: int | None = None) -> ImageData:
-    """Class-per-folder images: root/train/<class>/*, root/test/<class>/* (PNG or JPEG)."""
+IMAGE_SIZE = Annotated[int, Range(ge=1, le=4096)] | None
+
+
+def build_imagefolder(*, root: str | None = None, image_size: IMAGE_SIZE = None) -> ImageData:
+    """Class-per-folder images: root/train/<class>/*, root/test/<class>/* (PNG or JPEG); image_size=N resizes
+    every image to NxN."""
     base = Path(root or os.environ.get("MICROTRAIN_DATA") or "").expanduser()
     if not root and not os.environ.get("MICROTRAIN_DATA"):
         raise DataError("data.root is required for imagefolder: pass data.root=DIR holding train/<class>/ and test/<class>/")
     for split in ("train", "test"):
         if not (base / split).is_dir():
             raise DataError(f"imagefolder: '{base / split}' not found; data.root must hold train/<class>/ and test/<class>/")
-    classes = _class_folders(base / "train")
-    if not classes:
-        raise DataError(f"imagefolder: no class folders in {base / 'train'}; make one folder per class")
+    classes = _training_classes(base / "train")
     unknown = sorted(set(_class_folders(base / "test")) - set(classes))
     if unknown:
         raise DataError(f"imagefolder: test classes {unknown} have no folder in {base / 'train'}; the splits must share classes")
@@ -84,21 +117,20 @@ def build_imagefolder(*, root: str | None = None, image_size: int | None = None)
         raise DataError(f"imagefolder: train images are {train_images.shape[1:3]} but test images {test_images.shape[1:3]}; "
                         "set data.image_size=N")
     mean, std = channel_stats(train_images)
+    _check_channels(std, base / "train")
     return ImageData(train_images, train_labels, test_images, test_labels, classes, mean, std)
 
 
 
-def _describe(*, root: str | None = None, image_size: int | None = None) -> tuple[int, tuple[int, int, int]]:
+def _describe(*, root: str | None = None, image_size: IMAGE_SIZE = None) -> tuple[int, tuple[int, int, int]]:
     """Classes and image shape from the folder names and the first image, without decoding everything."""
     base = Path(root or os.environ.get("MICROTRAIN_DATA") or ".").expanduser()
-    classes = _class_folders(base / "train") if (base / "train").is_dir() else []
-    if not classes:
-        raise DataError(f"imagefolder: no class folders in {base / 'train'}; pass data.root=DIR")
+    if not (base / "train").is_dir():
+        raise DataError(f"imagefolder: '{base / 'train'}' not found; pass data.root=DIR holding train/<class>/")
+    classes = _training_classes(base / "train")
     if image_size:
         return len(classes), (3, image_size, image_size)
-    first = next((p for c in classes for p in sorted((base / "train" / c).iterdir()) if p.suffix.lower() in EXTENSIONS), None)
-    if first is None:
-        raise DataError(f"imagefolder: no images under {base / 'train'}")
+    first = next(p for p in sorted((base / "train" / classes[0]).iterdir()) if _is_image(p))
     h, w, c = _decode(first, None).shape
     return len(classes), (c, h, w)
 

@@ -3,10 +3,15 @@ class-dependent place on noise). For tests, benchmarks and trying a recipe witho
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
 import microtrain
-from microtrain import ImageData
+from microtrain import DataError, ImageData, Range
+
+MAX_BYTES = 2**31
+"""Generated images are held in memory; past 2 GiB a size option is a typo, not a test set."""
 
 
 def make_images(count: int, size: int, num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -23,9 +28,17 @@ def make_images(count: int, size: int, num_classes: int, rng: np.random.Generato
     return images, labels
 
 
-def build_synthetic(*, train_size: int = 512, test_size: int = 256, image_size: int = 32, num_classes: int = 10,
-                    seed: int = 0) -> ImageData:
+def build_synthetic(*, train_size: Annotated[int, Range(ge=1, le=1_000_000)] = 512,
+                    test_size: Annotated[int, Range(ge=1, le=1_000_000)] = 256,
+                    image_size: Annotated[int, Range(ge=3, le=1024)] = 32,  # the class square needs 3 pixels
+                    num_classes: Annotated[int, Range(ge=2, le=10_000)] = 10,
+                    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0) -> ImageData:
     """Generated images with a learnable class pattern (no files, no network)."""
+    needed = (train_size + test_size) * image_size * image_size * 3
+    if needed > MAX_BYTES:  # a rule across three options, so it is checked here
+        raise DataError(f"data: {train_size + test_size:,} synthetic images of {image_size}x{image_size} would take "
+                        f"{needed / 2**30:.1f} GiB (at most {MAX_BYTES / 2**30:.0f}); lower data.train_size, "
+                        "data.test_size or data.image_size")
     rng = np.random.default_rng(seed)
     train_images, train_labels = make_images(train_size, image_size, num_classes, rng)
     test_images, test_labels = make_images(test_size, image_size, num_classes, rng)

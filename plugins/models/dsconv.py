@@ -8,9 +8,12 @@ Dropout after every layer but the last. Outputs logits (softmax belongs to the l
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import nn
 
 import microtrain
+from microtrain import Range
 
 
 def conv_block(cin: int, cout: int, kernel: int = 3, *, stride: int = 1, dilation: int = 1, groups: int = 1,
@@ -67,9 +70,11 @@ class DSConvNet(nn.Module):
         return self.pool(self.classifier(self.features(x))).flatten(1)
 
 
-def build_dsconv(num_classes: int, image_shape: tuple[int, int, int], *, dropout: float = 0.05,
-                 width: float = 1.0) -> nn.Module:
-    """The seed's depthwise-separable CNN (about 104K parameters at width 1)."""
+def build_dsconv(num_classes: int, image_shape: tuple[int, int, int], *,
+                 dropout: Annotated[float, Range(ge=0, lt=1)] = 0.05,
+                 width: Annotated[float, Range(gt=0, le=16)] = 1.0) -> nn.Module:
+    """The seed's depthwise-separable CNN (about 104K parameters at width 1; parameters grow with width
+    squared, so width 16 is already 27M)."""
     return DSConvNet(num_classes=num_classes, in_channels=image_shape[0], dropout=dropout, width=width)
 
 

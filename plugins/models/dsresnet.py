@@ -16,11 +16,13 @@ first step. Outputs logits after global average pooling and a linear layer.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 import microtrain
-from microtrain import RecipeError
+from microtrain import Check, Range, RecipeError
 
 
 def separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -69,17 +71,24 @@ class DSResNet(nn.Module):
         return self.classifier(self.dropout(self.pool(self.stages(self.stem(x))).flatten(1)))
 
 
-def build_dsresnet(num_classes: int, image_shape: tuple[int, int, int], *, widths: list[int] = [32, 64, 128],  # noqa: B006
-                   blocks: list[int] = [2, 2, 2], dropout: float = 0.0) -> nn.Module:  # noqa: B006
+def at_least_one_stage(stages: list[int], where: str) -> list[int]:
+    if not stages:
+        raise RecipeError(f"{where}: needs one entry per stage and at least one stage, got []; e.g. {where}=[32, 64]")
+    return stages
+
+
+STAGES = Check(at_least_one_stage, "(one per stage, at least one)")
+
+
+def build_dsresnet(num_classes: int, image_shape: tuple[int, int, int], *,
+                   widths: Annotated[list[Annotated[int, Range(ge=1, le=1024)]], STAGES] = [32, 64, 128],  # noqa: B006
+                   blocks: Annotated[list[Annotated[int, Range(ge=1, le=16)]], STAGES] = [2, 2, 2],  # noqa: B006
+                   dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> nn.Module:
     """Residual depthwise-separable CNN: one stage per entry of ``widths`` (each after the first halves the
-    resolution), ``blocks[i]`` residual blocks in stage i; dropout before the final linear layer."""
-    if len(widths) != len(blocks) or not widths:
+    resolution) with as many residual blocks as the same entry of ``blocks``; dropout before the final linear layer."""
+    if len(widths) != len(blocks):  # the one rule across two options, so it is checked here
         raise RecipeError(f"model.widths and model.blocks need the same number of stages (one entry each), got "
                           f"{len(widths)} widths and {len(blocks)} block counts")
-    if min(widths) < 1 or min(blocks) < 1:
-        raise RecipeError(f"model.widths and model.blocks must be positive integers, got {widths} and {blocks}")
-    if not 0.0 <= dropout < 1.0:
-        raise RecipeError(f"model.dropout must be in [0, 1), got {dropout}")
     return DSResNet(num_classes, image_shape[0], list(widths), list(blocks), dropout)
 
 

@@ -18,12 +18,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 import microtrain
-from microtrain import MicrotrainError
+from microtrain import MicrotrainError, Range
 from microtrain_plugins.callbacks.report.predictions import MistakeCollector
 from microtrain_plugins.callbacks.report.render import (
     LR_STEPS,
@@ -121,10 +121,12 @@ class Report:
                            samples=self.samples, **sources)
 
 
-def build_report(*, mistakes: int = 24, samples: int = 32) -> Report:
-    """Run report in <run dir>/report/: curves, per-class accuracy, confusion matrix, misclassified and augmented images."""
-    if mistakes < 0 or samples < 0:
-        raise MicrotrainError("plugins.report: mistakes and samples must be 0 or more")
+GRID_CELLS = Range(ge=0, le=256)  # one picture each in a grid figure
+
+
+def build_report(*, mistakes: Annotated[int, GRID_CELLS] = 24, samples: Annotated[int, GRID_CELLS] = 32) -> Report:
+    """Run report in <run dir>/report/: curves, per-class accuracy, confusion matrix, the ``mistakes`` most
+    confidently misclassified test images and ``samples`` augmented training images."""
     return Report(mistakes=mistakes, samples=samples)
 
 
