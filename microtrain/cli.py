@@ -24,10 +24,13 @@ def _parser(pm) -> argparse.ArgumentParser:
                          "epochs=5 loader.batch_size=256 data.root=/data")
     run.add_argument("recipe", help="path to a recipe .yaml")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any recipe field by its dotted path")
-    run.add_argument("--run-dir", type=Path, help="output folder (default runs/<name>/<timestamp>)")
+    run.add_argument("--run-dir", type=Path, help="output folder (default runs/<name>/<timestamp>); a folder that holds a "
+                     "run is refused: continue it with --resume, or replace it with --force")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
                      "(or from the checkpoint file RUN_DIR/checkpoints/X.pt)")
-    run.add_argument("--force", action="store_true", help="with --resume: accept a recipe that differs from the saved one")
+    run.add_argument("--force", action="store_true", help="with --run-dir: move the run already there aside to "
+                     "RUN_DIR.replaced-<time> and start a new one; with --resume: apply the recipe's changes (those a "
+                     "checkpoint cannot take are refused by name)")
     run.set_defaults(handler=_cmd_run)
 
     plugins = sub.add_parser("plugins", help="list plugins, hooks and components with their options")
@@ -82,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_run(args) -> int:
     from microtrain.run import run
 
-    if args.force and not args.resume:
-        raise MicrotrainError("--force only applies with --resume RUN_DIR")
+    if args.force and not (args.resume or args.run_dir):
+        raise MicrotrainError("--force only applies with --run-dir RUN_DIR (replace the run there) or --resume RUN_DIR "
+                              "(apply a changed recipe); a new run dir needs neither")
     return run(args.recipe, args.overrides, run_dir=args.run_dir, resume=args.resume, force=args.force)
 
 

@@ -1,4 +1,4 @@
-"""Never lose a run: kill (SIGKILL) at several points, Ctrl-C, SIGTERM, a NaN loss, a failing plugin, a
+"""Never lose a run: kill (SIGKILL) at several points, Ctrl-C, SIGTERM, SIGHUP, a NaN loss, a failing plugin, a
 damaged checkpoint; every resumed run must end with exactly the metrics and weights of an uninterrupted run.
 
 Runs that must die by a signal are subprocesses; the others (references, resumes) run in this process
@@ -23,6 +23,7 @@ import yaml
 
 from microtrain.checkpoint import load_checkpoint
 from microtrain.cli import main
+from microtrain.rundir import run_status
 
 TIMING = ("epoch_seconds", "train_images_per_second")
 SUBPROCESS_TIMEOUT = 300  # seconds; generous: CI machines can be slow and busy
@@ -81,6 +82,11 @@ def after_batch(state):
         time.sleep(3)
     if action == "raise-step" and state.step == int(args[0]):
         raise RuntimeError("probe exploded")
+    if action == "pause-step" and state.step == int(args[0]):  # say "now" (file 1), then wait for file 2
+        open(args[1], "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(args[2]) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 @microtrain.hookimpl
@@ -182,11 +188,15 @@ def reference(setup, tmp_path_factory):
     ("kill-save:4:100", (1, 0)),  # during step 6's write: last.pt is still epoch 1's end
     ("kill-step:8", (1, 2)),  # mid-epoch 2: last.pt was written after step 6 (epoch 2, batch 2)
 ])
-def test_sigkill_then_resume_matches_uninterrupted_run(setup, reference, tmp_path, probe, resumes_from):
+def test_sigkill_then_resume_matches_uninterrupted_run(setup, reference, tmp_path, probe, resumes_from, capsys):
     run_dir = tmp_path / "run"
     process = run_subprocess(setup, run_dir, probe)
     _, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT)
     assert process.returncode == -signal.SIGKILL, stderr
+    # status.json could not be updated, but the lock (its flock went with the process) says the 'running' is stale
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
+    status = run_status(run_dir)
+    assert status.status == "interrupted" and "stale" in status.message and str(process.pid) in status.message
     last = run_dir / "checkpoints" / "last.pt"
     if resumes_from is None:
         assert not last.exists()
@@ -197,8 +207,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(setup, reference, tmp_pat
         assert list((run_dir / "checkpoints").glob(".*.tmp")), "the killed write should have left its temporary file"
 
     assert run_inprocess(setup[1], "--resume", run_dir) == 0
+    assert f"was left by pid {process.pid}" in capsys.readouterr().err  # the resume says it takes over a dead run
     assert_same_run(run_dir, reference)
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # the resumed run removed the leftover
+    assert not (run_dir / "lock").exists()  # a run that ends, however it ends short of a kill, leaves no lock
 
 
 def test_sigint_saves_position_prints_resume_command_and_resume_matches(setup, reference, tmp_path):
@@ -221,6 +233,34 @@ def test_sigint_saves_position_prints_resume_command_and_resume_matches(setup, r
     assert command[:2] == ["microtrain", "run"] and command[-2:] == ["--resume", str(run_dir)]
 
     assert main(command[1:]) == 0  # the printed command, as printed
+    assert_same_run(run_dir, reference)
+
+
+def wait_for(path: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"the run never reached the probe (exit status {process.poll()})"
+
+
+def test_sighup_with_the_terminal_gone_saves_the_position_and_resume_matches(setup, reference, tmp_path):
+    """A closed terminal: SIGHUP stops the run like SIGTERM, and the writes to the gone terminal (its messages,
+    the resume hint) fail without ending it."""
+    run_dir, now, go = tmp_path / "run", tmp_path / "now", tmp_path / "go"
+    process = run_subprocess(setup, run_dir, f"pause-step:5:{now}:{go}")
+    wait_for(now, process)
+    process.stdout.close()  # no one reads the run's output any more
+    process.stderr.close()
+    process.send_signal(signal.SIGHUP)
+    go.touch()
+    assert process.wait(timeout=SUBPROCESS_TIMEOUT) == 130
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    assert run_status(run_dir).status == "interrupted"
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert (checkpoint["epoch"], checkpoint["batch_index"]) == (1, 1)  # stopped after step 5 = epoch 2, batch 1
+    log = (run_dir / "error.log").read_text()
+    assert "Interrupted: signal 1" in log and "BrokenPipeError" not in log and "OSError" not in log
+    assert run_inprocess(setup[1], "--resume", run_dir) == 0
     assert_same_run(run_dir, reference)
 
 

@@ -1,7 +1,12 @@
-"""Callback ``progress``: a rich progress bar per epoch on a terminal; one line per epoch otherwise."""
+"""Callback ``progress``: a rich progress bar per epoch on a terminal; one line per epoch otherwise.
+
+Output is never worth a run: when no one reads it any more (``microtrain run ... | head -2`` closed the
+pipe, a closed terminal), the display goes quiet and training goes on."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import microtrain
@@ -22,14 +27,11 @@ class Progress:
     def before_fit(self, state):
         if not state.is_main:
             return
-        from rich.console import Console
-
-        self.console = Console()
+        self.console = _console()
         params = sum(p.numel() for p in state.unwrapped_model.parameters())
-        self.console.print(
+        self._print(
             f"[bold]{state.recipe['name']}[/]: {state.recipe['model']['name']} ({params:,} parameters) on "
-            f"{state.device}, {state.epochs} epochs of {state.steps_per_epoch} steps, run dir {state.run_dir}",
-            highlight=False,
+            f"{state.device}, {state.epochs} epochs of {state.steps_per_epoch} steps, run dir {state.run_dir}"
         )
 
     @microtrain.hookimpl
@@ -56,21 +58,44 @@ class Progress:
             return
         self._stop()
         m = state.metrics
-        self.console.print(
+        self._print(
             f"epoch {m['epoch']:>3}/{state.epochs}  lr {m['lr']:.4f}  train loss {m['train_loss']:.4f} acc "
             f"{m['train_acc']:.2f}%  test loss {m['test_loss']:.4f} acc {m['test_acc']:.2f}%  "
-            f"{m['epoch_seconds']:.1f}s {m['train_images_per_second']:.0f} img/s",
-            highlight=False,
+            f"{m['epoch_seconds']:.1f}s {m['train_images_per_second']:.0f} img/s"
         )
 
     @microtrain.hookimpl
     def on_error(self, state, error):
         self._stop()
 
+    def _print(self, text: str) -> None:
+        try:
+            self.console.print(text, highlight=False)
+        except OSError:  # a terminal that went away (EIO): rich handles only a broken pipe itself
+            self.console.quiet = True
+
     def _stop(self):
         if self._progress is not None:
-            self._progress.stop()
+            with contextlib.suppress(OSError):
+                self._progress.stop()
             self._progress = None
+
+
+def _console():
+    """A rich Console that goes quiet on a broken pipe; rich's own reaction is to exit, which would end the run."""
+    from rich.console import Console
+
+    class QuietOnBrokenPipe(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, self.file.fileno())  # so the interpreter's last flush does not fail either
+                finally:
+                    os.close(devnull)
+
+    return QuietOnBrokenPipe()
 
 
 def build_progress(*, refresh_steps: int = 20, force_lines: bool = False) -> Progress:
