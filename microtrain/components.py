@@ -45,7 +45,8 @@ class Range:
     def check(self, value: Any, where: str) -> Any:
         if value is None:
             return value
-        fits = math.isfinite(value) and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt) \
+        finite = not isinstance(value, float) or math.isfinite(value)  # an int of any size is finite
+        fits = finite and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt) \
             and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
         if not fits:
             raise RecipeError(f"{where}: must be {self.describe()}, got {value!r}; fix the value in the recipe "

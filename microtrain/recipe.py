@@ -11,6 +11,7 @@ for a plugin module's import path; :func:`plugin_entries` reads it.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -109,6 +110,12 @@ class RecipeLoader(yaml.SafeLoader):
                     raise RecipeError(f"{self.at(key_node)}: duplicate key {key!r}{first_at}; YAML would silently keep "
                                       "the last one: remove one of them")
         return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML reads YAML 1.1, where a float needs a dot: `lr: 1e-3` would be the text '1e-3' and refused as "expected
+# float, got str". YAML 1.2 and JSON read it as a number, and so does a recipe.
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
 
 
 def _expanded_size(node: yaml.Node, loader: RecipeLoader) -> int:

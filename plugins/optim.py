@@ -15,9 +15,14 @@ from torch import nn
 import microtrain
 from microtrain import Range, RecipeError
 
-POSITIVE = Range(gt=0)
 NON_NEGATIVE = Range(ge=0)
+# Upper bounds where torch would fail mid-run: it applies lr, weight decay and eps as float32 scalars, and a
+# learning rate near float32's limit (3.4e38, or lr / bias correction in AdamW) stops the first step with
+# "value cannot be converted to type float without overflow". No useful setting comes near these.
+LEARNING_RATE = Annotated[float, Range(gt=0, le=1000)]
+WEIGHT_DECAY = Annotated[float, Range(ge=0, le=1)]
 BETA = Annotated[float, Range(ge=0, lt=1)]
+DIVISOR = Annotated[float, Range(ge=1, le=1e12)]  # below 1, the "warm-up" would start above max_lr
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
@@ -31,9 +36,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_sgd(model: nn.Module, *, lr: Annotated[float, POSITIVE] = 0.05,
-              momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9, nesterov: bool = True,
-              weight_decay: Annotated[float, NON_NEGATIVE] = 5e-4, decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
+def build_sgd(model: nn.Module, *, lr: LEARNING_RATE = 0.05, momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9,
+              nesterov: bool = True, weight_decay: WEIGHT_DECAY = 5e-4, decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
     """SGD with momentum (Nesterov by default) and weight decay."""
     if nesterov and momentum <= 0:  # a rule across two options, so it is checked here
         raise RecipeError("optimizer.nesterov=true needs optimizer.momentum > 0")
@@ -41,17 +45,17 @@ def build_sgd(model: nn.Module, *, lr: Annotated[float, POSITIVE] = 0.05,
                            nesterov=nesterov)
 
 
-def build_adamw(model: nn.Module, *, lr: Annotated[float, POSITIVE] = 1e-3, betas: tuple[BETA, BETA] = (0.9, 0.999),
-                weight_decay: Annotated[float, NON_NEGATIVE] = 0.05, eps: Annotated[float, POSITIVE] = 1e-8,
+def build_adamw(model: nn.Module, *, lr: LEARNING_RATE = 1e-3, betas: tuple[BETA, BETA] = (0.9, 0.999),
+                weight_decay: WEIGHT_DECAY = 0.05, eps: Annotated[float, Range(gt=0, le=1)] = 1e-8,
                 decay_norm_and_bias: bool = False) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay)."""
     return torch.optim.AdamW(parameter_groups(model, weight_decay, decay_norm_and_bias), lr=lr, betas=tuple(betas),
                              eps=eps)
 
 
-def build_onecycle(optimizer, total_steps: int, steps_per_epoch: int, *, max_lr: Annotated[float, POSITIVE] = 0.1,
-                   pct_start: Annotated[float, Range(gt=0, lt=1)] = 0.25, div_factor: Annotated[float, POSITIVE] = 25.0,
-                   final_div_factor: Annotated[float, POSITIVE] = 1e4, anneal: Literal["cos", "linear"] = "cos",
+def build_onecycle(optimizer, total_steps: int, steps_per_epoch: int, *, max_lr: LEARNING_RATE = 0.1,
+                   pct_start: Annotated[float, Range(gt=0, lt=1)] = 0.25, div_factor: DIVISOR = 25.0,
+                   final_div_factor: DIVISOR = 1e4, anneal: Literal["cos", "linear"] = "cos",
                    three_phase: bool = False):
     """OneCycle: warm up to max_lr over pct_start of the run, then anneal to max_lr/(div*final_div)."""
     if total_steps < 4:  # known only once the data and batch size are
