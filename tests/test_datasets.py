@@ -95,6 +95,61 @@ def test_imagefolder_mixed_sizes_need_image_size(tmp_path):
         build_imagefolder(root=str(tmp_path))
 
 
+@pytest.mark.parametrize("contents", [[], ["notes.txt", ".hidden.png"]], ids=["empty", "no images"])
+def test_imagefolder_refuses_a_class_folder_without_images(tmp_path, contents):
+    """It would be a class the model is never shown (issue 16: a phantom class)."""
+    from microtrain_plugins.data.imagefolder import build_imagefolder
+
+    make_folder(tmp_path)
+    phantom = tmp_path / "train" / "bee"
+    phantom.mkdir()
+    for name in contents:
+        (phantom / name).write_text("x")
+    for build in (build_imagefolder, build_imagefolder.describe):  # training and `microtrain inspect`
+        with pytest.raises(DataError, match=rf"class folder {phantom} has no .png/.jpg/.jpeg image.*remove the folder"):
+            build(root=str(tmp_path))
+
+
+@pytest.mark.parametrize("red_and_green_vary, channel", [(True, "blue"), (False, "red")],
+                         ids=["one constant channel", "blank images"])
+def test_imagefolder_refuses_a_channel_with_the_same_value_in_every_image(tmp_path, red_and_green_vary, channel):
+    """Its std is 0 and normalising divides by it: NaN from the first batch (issue 16). Blue is 33 in every image,
+    a level whose variance comes out negative in floating point, hence NaN rather than 0 before the fix."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for index, cls in enumerate(("ant", "zebra")):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(2):
+                level = 10 + (2 * index + i) * 30 if red_and_green_vary else 33
+                Image.new("RGB", (8, 8), (level, level, 33)).save(folder / f"{i}.png")
+    with pytest.raises(DataError, match=rf"the {channel} channel has the same value in every training image under "
+                                        rf"{tmp_path / 'train'} \(std 0\).*blank or one colour"):
+        build_imagefolder(root=str(tmp_path))
+
+
+@pytest.mark.parametrize("level", [33, 50, 255])
+def test_channel_statistics_of_a_constant_channel_are_zero_not_nan(level):
+    images = np.full((1000, 4, 4, 3), level, dtype=np.uint8)
+    mean, std = cifar10.channel_stats(images)
+    assert std == (0.0, 0.0, 0.0) and mean == pytest.approx((level / 255,) * 3, abs=1e-4)
+
+
+def test_a_run_on_an_image_folder_with_a_phantom_class_stops_in_one_line(tiny_recipe, tmp_path, capsys):
+    """No run dir is left 'running': it is 'failed' (the data is read after the run dir exists), or absent."""
+    from microtrain.cli import main
+
+    make_folder(tmp_path / "images")
+    (tmp_path / "images" / "train" / "bee").mkdir()
+    run_dir = tmp_path / "run"
+    assert main(["run", str(tiny_recipe()), "data.name=imagefolder", f"data.root={tmp_path / 'images'}",
+                 "--run-dir", str(run_dir)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("microtrain: error: imagefolder: class folder ") and "bee" in lines[0]
+    assert not run_dir.exists() or json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+
 @pytest.mark.skipif(real_cifar_root() is None, reason="the CIFAR-10 copy (../shared/data) is not present")
 def test_real_cifar10_copy_verifies_and_has_the_seed_statistics():
     data = cifar10.build_cifar10(root=str(real_cifar_root()), download_missing=False)
