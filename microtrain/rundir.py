@@ -71,10 +71,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class RunDirInUse(MicrotrainError):
-    """Another live process holds the run dir (or one on another host may)."""
-
-
 class RunDirLock:
     """The flock on ``<run dir>/lock``. :meth:`acquire` only takes the flock; :meth:`take` records this process
     in the file, so a command that refuses after looking (existing run, changed recipe) leaves the file as it was."""
@@ -87,7 +83,7 @@ class RunDirLock:
 
     @classmethod
     def acquire(cls, run_dir: Path) -> RunDirLock:
-        """Lock an existing folder, or raise :class:`RunDirInUse` naming the live (or uncheckable) holder."""
+        """Lock an existing folder, or refuse (MicrotrainError) naming the live holder, or one on another host."""
         path = Path(run_dir) / LOCK_FILE
         while True:
             try:
@@ -108,7 +104,7 @@ class RunDirLock:
             holder = None if created else _read_holder(fd)
             if locked is False:
                 os.close(fd)
-                raise RunDirInUse(f"run dir '{run_dir}' is in use by {holder or 'another process'}; wait for it to finish "
+                raise MicrotrainError(f"run dir '{run_dir}' is in use by {holder or 'another process'}; wait for it to finish "
                                   "or stop it (Ctrl-C, or kill -TERM with its pid) and resume")
             if not _is_file_at(fd, path):  # its holder removed it between our open and our flock: a new one is needed
                 os.close(fd)
@@ -117,7 +113,7 @@ class RunDirLock:
             if holder is not None and (not holder.on_this_host or (locked is None and _pid_alive(holder.pid))):
                 lock.release()
                 where = "which this host cannot check" if not holder.on_this_host else "and flock does not work here"
-                raise RunDirInUse(f"run dir '{run_dir}' is locked by {holder}, {where}; if that process has ended, "
+                raise MicrotrainError(f"run dir '{run_dir}' is locked by {holder}, {where}; if that process has ended, "
                                   f"delete '{path}' and repeat the command")
             return lock
 

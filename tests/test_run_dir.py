@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 
 from microtrain.checkpoint import load_checkpoint
 from microtrain.cli import main
-from microtrain.rundir import LOCK_FILE, RunDirInUse, RunDirLock, claim_new_dir, run_status
+from microtrain.errors import MicrotrainError
+from microtrain.rundir import LOCK_FILE, RunDirLock, claim_new_dir, run_status
 
 SUBPROCESS_TIMEOUT = 300
 
@@ -335,6 +336,16 @@ def test_a_second_resume_is_refused_while_one_runs(setup, interrupted, tmp_path,
     assert not list(tmp_path.glob("run.replaced-*")) and not (run_dir / LOCK_FILE).exists()
 
 
+def test_a_log_that_two_processes_wrote_is_refused_by_the_report_not_averaged(setup, completed, tmp_path, capsys):
+    run_dir = copy_of(completed, tmp_path)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], lines[1], lines[1]]) + "\n")  # epochs 1, 2, 2
+    before = hashes(run_dir)
+    assert main(["report", str(run_dir)]) == 2
+    assert "metrics.jsonl:3: epoch 2 again (first on line 2): two processes wrote this run" in one_error_line(capsys)
+    assert hashes(run_dir) == before
+
+
 def test_a_stale_lock_is_taken_over_on_this_host_and_refused_from_another(setup, interrupted, tmp_path, capsys):
     run_dir = copy_of(interrupted, tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -357,7 +368,7 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
     first = RunDirLock.acquire(tmp_path)
     try:
         first.take("first")
-        with pytest.raises(RunDirInUse, match=f"in use by pid {os.getpid()}"):
+        with pytest.raises(MicrotrainError, match=f"in use by pid {os.getpid()}"):
             RunDirLock.acquire(tmp_path)
     finally:
         first.release()

@@ -1,6 +1,6 @@
 """Callback ``checkpoint``: the files that let a run survive a kill, a signal or a crash.
 
-    <run dir>/checkpoints/last.pt      after every epoch, every ``every_steps`` steps if asked, and on Ctrl-C/SIGTERM
+    <run dir>/checkpoints/last.pt      after every epoch, every ``every_steps`` steps if asked, and on Ctrl-C/SIGTERM/SIGHUP
     <run dir>/checkpoints/previous.pt  the last.pt before the newest one (a second chance if last.pt is damaged)
     <run dir>/checkpoints/best.pt      the epoch with the highest test accuracy (``keep_best``)
 
@@ -99,7 +99,7 @@ class Checkpointing:
 
     @microtrain.hookimpl
     def on_error(self, state, error):
-        """On Ctrl-C/SIGTERM the engine stopped at a consistent point: save it. Other errors (a NaN loss, a plugin
+        """On Ctrl-C/SIGTERM/SIGHUP the engine stopped at a consistent point: save it. Other errors (a NaN loss, a plugin
         that raised, a second Ctrl-C that abandoned a step) keep the last good checkpoint untouched."""
         if isinstance(error, Interrupted) and error.mid_epoch and state.is_main and self.started:
             self.save_last(state, make_checkpoint(state, mid_epoch=True))  # (epoch ends: after_epoch wrote it)

@@ -29,11 +29,14 @@ def _clean(value):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Read a run's metrics log; a missing or corrupt log is one clear error."""
+    """Read a run's metrics log; a missing or corrupt log is one clear error.
+
+    A run logs each epoch once (a resume rewrites the log from its checkpoint), so an epoch that comes again
+    means two processes wrote the run dir at once: figures such as a last-5 mean over it would be wrong."""
     path = Path(run_dir) / FILE
     if not path.is_file():
         raise MicrotrainError(f"no metrics log at {path}; is '{run_dir}' a microtrain run dir?")
-    rows = []
+    rows, lines_of = [], {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -43,6 +46,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
             raise MicrotrainError(f"{path}:{number}: corrupt metrics line ({exc.msg}); fix or delete that line") from None
         if not isinstance(row, dict) or "epoch" not in row:
             raise MicrotrainError(f"{path}:{number}: not a metrics record (no 'epoch'); fix or delete that line")
+        if row["epoch"] in lines_of:
+            raise MicrotrainError(f"{path}:{number}: epoch {row['epoch']} again (first on line {lines_of[row['epoch']]}): two "
+                                  "processes wrote this run at once, so its figures are not one run's; keep one "
+                                  "line per epoch, or train the run again")
+        lines_of[row["epoch"]] = number
         rows.append(row)
     if not rows:
         raise MicrotrainError(f"{path} holds no epochs yet; train at least one epoch")
