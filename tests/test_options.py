@@ -415,7 +415,8 @@ def test_aliases_within_the_bounds_still_work():
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-NUMBERS = (st.integers(-10, 10) | st.floats(0, 2) | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, -1, 2**32, 10**30, 10**400])
+NUMBERS = (st.sampled_from([float("nan"), float("inf"), -float("inf"), -1, -1e-9, 1.5, 10**30])
+           | st.integers(-10, 10) | st.floats(0, 2) | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, -1, 2**32, 10**30, 10**400])
            | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0, 1.0, 0.5, 1e-300, 1e300]))
 VALUES = NUMBERS | st.booleans() | st.none() | st.text(max_size=6) | st.lists(NUMBERS, max_size=3) | \
     st.dictionaries(st.text(max_size=4), NUMBERS | st.text(max_size=4), max_size=2)
@@ -596,7 +597,7 @@ CLI_VALUES = st.sampled_from(["-1", "-1e-9", "0", "1.5", ".nan", ".inf", "-.inf"
                               "[]", "{}", "null", "[1, 2]", "{a: 1, a: 2}", "[&a [1,1], *a]"])
 CLI_OVERRIDE = st.builds(lambda path, value: f"{path}={value}", st.sampled_from(CLI_PATHS), CLI_VALUES) | \
     st.builds(lambda augment: f"loader.augment={as_yaml(augment)}", AUGMENT_LISTS)
-CLI_CASES = st.tuples(st.lists(CLI_OVERRIDE, min_size=1, max_size=2), st.booleans())
+CLI_CASES = st.tuples(st.lists(CLI_OVERRIDE, min_size=1, max_size=2), st.sampled_from([False, False, True]))  # resume?
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -631,7 +632,7 @@ def check_command(argv: list[str], status: int, stderr: str, run_dir: Path, exis
         assert snapshot(folder) == before, f"a refused command changed {folder}: {argv}"
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(CLI_CASES)
 def test_commands_with_any_option_values_exit_0_or_2_and_leave_runs_consistent(finished_run, tmp_path_factory, case):
