@@ -241,17 +241,33 @@ def _recorded_status(run_dir: Path) -> str:
     return ""
 
 
+def _stop_signals() -> list[int]:
+    """The signals this run handles (handlers can only be set from the main thread)."""
+    return [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)] if _in_main_thread() else []
+
+
+def _stop_at_once(signum, frame):  # noqa: ARG001 - signal handler signature
+    """Before training, a stop signal ends the command as Ctrl-C does: nothing is written yet, so nothing is lost,
+    and a run dir this command made is removed on the way out."""
+    raise Signalled(f"signal {signum}")
+
+
 def _run(recipe, registry, run_dir, resume, force, command: str) -> int:
     """``command`` is the command line (without --run-dir/--resume) that a resume repeats."""
     checkpoint_path = None
     if resume is not None:
         run_dir, checkpoint_path = _resume_target(run_dir, resume)
-    run_dir, opened = _open_run_dir(recipe, run_dir, resume is not None, force)
+    previous = {signum: signal.signal(signum, _stop_at_once) for signum in _stop_signals()}
     try:
-        return _run_locked(recipe, run_dir, opened, resume is not None, checkpoint_path, force, registry, command)
+        run_dir, opened = _open_run_dir(recipe, run_dir, resume is not None, force)
+        try:
+            return _run_locked(recipe, run_dir, opened, resume is not None, checkpoint_path, force, registry, command)
+        finally:
+            if opened is not None:
+                opened.close()
     finally:
-        if opened is not None:
-            opened.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _prepare_resume(recipe, registry, run_dir: Path, checkpoint_path: Path | None, force: bool, command: str
@@ -308,6 +324,8 @@ def _run_locked(recipe, run_dir: Path, opened: OpenRunDir | None, resuming: bool
                      f"({recipe['epochs'] * state.steps_per_epoch} steps); at step {state.step} the learning rate "
                      f"goes from {before:.6g} to {after:.6g}")
 
+    for signum in _stop_signals():  # from the first write on, a signal stops after a step, with a checkpoint
+        signal.signal(signum, _signal_handler(engine))
     error = None
     if is_main:
         try:
@@ -323,8 +341,6 @@ def _run_locked(recipe, run_dir: Path, opened: OpenRunDir | None, resuming: bool
 
 
 def _fit(state, engine: Engine, pm, run_dir: Path, command: str, is_main: bool) -> int:
-    signals = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)] if _in_main_thread() else []
-    previous = {signum: signal.signal(signum, _signal_handler(engine)) for signum in signals}
     try:
         engine.fit()
     except BaseException as error:
@@ -354,9 +370,6 @@ def _fit(state, engine: Engine, pm, run_dir: Path, command: str, is_main: bool) 
             traceback.print_exception(error, file=sys.stderr)
             where = " (traceback above)"
         raise (PluginError if isinstance(error, PluginError) else MicrotrainError)(f"{message}{where}") from error
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if is_main:
         write_status(run_dir, state.status)
     return 0

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,7 +53,8 @@ RECIPE = {
 
 PROBE = '''
 """Test probe: RUNDIR_PROBE=pause:STEP:NOW:GO writes NOW after global step STEP and waits for GO;
-fail-load makes restoring a checkpoint fail; stop:STEP raises KeyboardInterrupt after that step."""
+fail-load makes restoring a checkpoint fail, pause-load:NOW:GO pauses it; stop:STEP raises KeyboardInterrupt after
+that step."""
 import os, time
 import microtrain
 
@@ -76,8 +78,14 @@ def after_batch(state):
 
 @microtrain.hookimpl
 def on_checkpoint_load(state, checkpoint):
-    if _probe()[0] == "fail-load":
+    action, args = _probe()
+    if action == "fail-load":
         raise RuntimeError("probe cannot restore its state")
+    if action == "pause-load":
+        open(args[0], "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(args[1]) and time.monotonic() < deadline:
+            time.sleep(0.02)
 '''
 
 
@@ -300,6 +308,20 @@ def test_a_resume_that_fails_while_restoring_changes_nothing(setup, completed, t
     monkeypatch.delenv("RUNDIR_PROBE")
     assert microtrain(setup, "--resume", run_dir) == 0
     assert hashes(run_dir) == before  # nothing left to train: nothing written
+
+
+def test_a_signal_before_training_stops_the_command_and_changes_nothing(setup, interrupted, tmp_path):
+    """SIGTERM while the resume is being built (here: restoring the checkpoint): exit 130, the run as it was."""
+    run_dir, now, go = copy_of(interrupted, tmp_path), tmp_path / "now", tmp_path / "go"
+    before = hashes(run_dir)
+    process = start(setup, "--resume", run_dir, probe=f"pause-load:{now}:{go}")
+    wait_for(now, process)
+    process.send_signal(signal.SIGTERM)
+    go.touch()
+    _, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert hashes(run_dir) == before
 
 
 def test_damaged_checkpoint_or_unchanged_resume_without_force_changes_nothing(setup, completed, tmp_path, capsys):
