@@ -386,6 +386,19 @@ def test_a_stale_lock_is_taken_over_on_this_host_and_refused_from_another(setup,
     assert status(run_dir) == "completed" and not lock.exists()
 
 
+def test_report_of_a_killed_run_says_it_is_not_running(setup, completed, tmp_path):
+    """What a SIGKILL leaves: status.json 'running' and the lock file of a process that is gone."""
+    run_dir = copy_of(completed, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / "status.json").write_text(json.dumps({"status": "running", "message": ""}))
+    (run_dir / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    assert main(["report", str(run_dir)]) == 0
+    record = json.loads((run_dir / "report" / "report.json").read_text())
+    assert record["status"] == "interrupted"
+    assert f"{int(dead.stdout)} on host" in (run_dir / "report" / "report.md").read_text()
+    assert status(run_dir) == "running"  # a report only reads the run's state
+
+
 def test_lock_is_exclusive_within_one_process_too(tmp_path):
     first = RunDirLock.acquire(tmp_path)
     try:

@@ -170,9 +170,10 @@ def report_run_dir(run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, An
     if int(checkpoint.get("epoch", -1)) != int(history[-1]["epoch"]):
         notes.append(f"The checkpoint holds epoch {checkpoint.get('epoch')} while the metrics log ends at epoch "
                      f"{history[-1]['epoch']}: per-class figures are those of the checkpoint's weights.")
-    status = "completed"
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        status = json.loads((run_dir / "status.json").read_text()).get("status", status)
+    found = microtrain.run_status(run_dir)  # status.json, corrected: a 'running' whose process is gone is not
+    status = found.status or "completed"
+    if found.status != found.recorded:
+        notes.append(f"The run {found.message}.")
     samples = _report_options(recipe).get("samples", 32)
     return make_report(folder, recipe=recipe, history=history, classes=state.data.classes, mean=state.data.mean,
                        std=state.data.std, run_info=run_info, predictions=mistakes.found, confusion=figures["confusion"],
