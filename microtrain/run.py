@@ -22,14 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from microtrain import distributed
 from microtrain.assembly import build_run, default_run_dir, prepare_recipe
 from microtrain.checkpoint import load_checkpoint, restore_checkpoint
 from microtrain.engine import Engine
 from microtrain.errors import CheckpointError, MicrotrainError, PluginError, PluginHookError, RecipeError, Signalled
-from microtrain.recipe import dump_recipe, normalise_plugins
+from microtrain.recipe import dump_recipe, load_recipe_file, normalise_plugins
 from microtrain.resume import (
     check_changes,
     check_epochs,
@@ -217,7 +215,7 @@ def _resume_target(run_dir: Path | None, resume: Path) -> tuple[Path, Path | Non
 
 
 def _saved_recipe(run_dir: Path, registry) -> dict[str, Any]:
-    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    saved = load_recipe_file(run_dir / "recipe.yaml")  # a damaged file is one line, as a recipe's would be
     if not isinstance(saved, dict):
         raise MicrotrainError(f"--resume: '{run_dir / 'recipe.yaml'}' is not a recipe; pass the run dir of an earlier run")
     if isinstance(saved.get("plugins"), list):

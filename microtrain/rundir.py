@@ -241,7 +241,7 @@ def run_status(run_dir: Path) -> RunStatus:
         return RunStatus("running", f"in use by {holder}", recorded)
     if recorded == "running":
         dead = dead_holder(run_dir)
-        who = f"its process ({dead.pid} on host {dead.host})" if dead else "its process"
+        who = f"its process (pid {dead.pid} on host {dead.host})" if dead else "its process"
         return RunStatus("interrupted", f"stopped without recording it: {who} is gone (killed, or the machine went "
                                         "down); status.json's 'running' is stale; the last checkpoint is kept", recorded)
     return RunStatus(recorded, message, recorded)

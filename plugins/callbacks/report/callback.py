@@ -170,7 +170,7 @@ def report_run_dir(run_dir: Path, overrides: Sequence[str] = ()) -> dict[str, An
     if int(checkpoint.get("epoch", -1)) != int(history[-1]["epoch"]):
         notes.append(f"The checkpoint holds epoch {checkpoint.get('epoch')} while the metrics log ends at epoch "
                      f"{history[-1]['epoch']}: per-class figures are those of the checkpoint's weights.")
-    found = microtrain.run_status(run_dir)  # status.json, corrected: a 'running' whose process is gone is not
+    found = microtrain.run_status(run_dir)  # a 'running' whose process is gone (SIGKILL) is not the run's status
     status = found.status or "completed"
     if found.status != found.recorded:
         notes.append(f"The run {found.message}.")
