@@ -33,27 +33,42 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states, as plain lists and tensors."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch CPU generator states, and the CUDA generator state of ``device`` (the run's own GPU)
+    alone, as plain lists and tensors. Other GPUs' generators are not the run's: saving them would tie the
+    checkpoint to this machine's GPU count."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": list(random.getstate()),
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None, world_size: int = 1) -> None:
+    """Restore :func:`rng_state`'s states; the CUDA one into ``device``, the run's own GPU.
+
+    Only rank 0 writes checkpoints, and every rank seeds alike and draws alike, so each rank restores rank 0's
+    generator into its own GPU. A checkpoint written before this format holds a list of every visible GPU's
+    state: its entry for the saving process's GPU is taken (GPU 0 under torchrun, whose rank 0 runs there; the
+    same index as ``device`` otherwise), and a list too short for that index restores nothing rather than fail."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is None or device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return
+    if isinstance(saved, (list, tuple)):  # the format before: every visible GPU of the saving process
+        index = 0 if world_size > 1 else (device.index if device.index is not None else torch.cuda.current_device())
+        if index >= len(saved):
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -104,10 +119,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def make_checkpoint(state, mid_epoch: bool = False) -> dict[str, Any]:
     """Assemble the checkpoint of ``state`` at the end of ``state.epoch``, or with ``mid_epoch`` after its
     step ``state.batch_index`` (call it then after the step's ``after_batch`` hooks, before the next batch)."""
+    from microtrain.engine import FINITE_BATCHES, raise_if_not_finite
     from microtrain.plugin_manager import call_hook
 
     scaler = state.grad_scaler
     totals = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.epoch_totals.items()}
+    # The engine reads its non-finite check only every few steps on a GPU; the copy above has waited for the
+    # device anyway, so a step that went non-finite since the last read stops the run here, not in a checkpoint.
+    raise_if_not_finite(state, totals)
+    totals.pop(FINITE_BATCHES, None)  # the engine's bookkeeping: a resumed epoch starts it from its batch index
     checkpoint = {
         "format": FORMAT,
         "epoch": state.epoch - 1 if mid_epoch else state.epoch,
@@ -119,7 +139,7 @@ def make_checkpoint(state, mid_epoch: bool = False) -> dict[str, Any]:
         "scheduler": state.scheduler.state_dict(),
         "grad_scaler": scaler.state_dict() if scaler is not None else {},
         "history": state.history,
-        "rng": rng_state(),
+        "rng": rng_state(state.device),
         "recipe_hash": recipe_hash(state.recipe),
         "classes": list(state.data.classes),
         "data": {"mean": [float(v) for v in state.data.mean], "std": [float(v) for v in state.data.std],
@@ -156,4 +176,4 @@ def restore_checkpoint(state, checkpoint: dict[str, Any]) -> None:
     state.epoch_totals = {k: v.to(state.device) if isinstance(v, torch.Tensor) else v
                           for k, v in checkpoint.get("epoch_totals", {}).items()}
     call_hook(state.plugin_manager, "on_checkpoint_load", state=state, checkpoint=checkpoint)
-    set_rng_state(checkpoint["rng"])
+    set_rng_state(checkpoint["rng"], state.device, state.world_size)

@@ -5,8 +5,11 @@ benchmarks).
     before_fit, [before_epoch, [before_batch, step, after_batch]*, before_eval, on_eval, after_epoch]*, after_fit
 
 The step itself (forward, loss, backward, optimizer and schedule step) is plain PyTorch with no
-per-step host synchronisation apart from the NaN check, so the loop runs as fast as a
-hand-written one.
+per-step host synchronisation, so the loop runs as fast as a hand-written one: on a GPU the host
+queues steps ahead of the device. The non-finite loss check therefore stays on the device (a
+running count of finite steps beside the epoch's loss sum) and the host reads it only every
+``Engine.non_finite_check_steps`` steps, at the epoch's end, before a checkpoint and before a
+signal's stop; the run still stops within that many steps and names the step that went bad.
 """
 
 from __future__ import annotations
@@ -27,8 +30,42 @@ from microtrain.state import State
 
 PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# Steps between two host reads of the non-finite check on a GPU. Each read drains the GPU's queue of steps, and
+# a launch-bound small model then idles while the host refills it: paid once in 50 steps, not at every step.
+# A non-finite loss wastes at most 50 steps before the run stops.
+CUDA_NON_FINITE_CHECK_STEPS = 50
+
+FINITE_BATCHES = "finite_batches"
+"""Key of ``State.epoch_totals``: batches of the epoch, from its first, before the first non-finite loss (a
+device tensor the engine updates in place; checkpoints leave it out)."""
+
 Collector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 """Called by :func:`evaluate` for every batch with ``(images, labels, logits)`` (logits float32, on the device)."""
+
+
+def raise_if_not_finite(state: State, totals: dict[str, Any] | None = None) -> None:
+    """Raise :class:`TrainingStopped` naming the step whose loss first went non-finite, if one did in the epoch
+    in progress (``totals``, default ``state.epoch_totals``). One host read: call it only where a sync is due."""
+    totals = state.epoch_totals if totals is None else totals
+    if "loss_sum" not in totals:
+        return
+    finite = totals.get(FINITE_BATCHES)
+    read = [totals["loss_sum"]] if finite is None else [totals["loss_sum"], finite]
+    loss_sum, *finite_count = torch.stack([t.double() for t in read]).tolist()
+    if math.isfinite(loss_sum):
+        return
+    bad_batch = int(finite_count[0]) + 1 if finite_count else state.batch_index
+    global_step = state.step - (state.batch_index - bad_batch)
+    raise TrainingStopped(
+        f"loss is {loss_sum} at epoch {state.epoch}, step {bad_batch} (global step {global_step}); "
+        "lower the learning rate or use precision=fp32; the last checkpoint is kept"
+    )
+
+
+def non_finite_check_steps(device: torch.device) -> int:
+    """Steps between two host reads of the non-finite check. On a CPU a read costs nothing (no device queue to
+    drain), so every step, as soon as it happens."""
+    return CUDA_NON_FINITE_CHECK_STEPS if device.type == "cuda" else 1
 
 
 def autocast(device: torch.device, precision: str):
@@ -104,6 +141,7 @@ class Engine:
         self.grad_clip = recipe["grad_clip"]
         self.channels_last = recipe["channels_last"]
         self.stop_signal: int | None = None
+        self.non_finite_check_steps = non_finite_check_steps(state.device)
 
     def hook(self, name: str, **kwargs: Any) -> Any:
         return call_hook(self.pm, name, state=self.state, **kwargs)
@@ -121,6 +159,8 @@ class Engine:
 
     def _stop_if_requested(self, mid_epoch: bool) -> None:
         if self.stop_signal is not None:
+            if mid_epoch:  # the stop saves a checkpoint of this step: never one of a non-finite step
+                raise_if_not_finite(self.state)
             raise Interrupted(self.stop_signal, mid_epoch)
 
     def fit(self) -> State:
@@ -161,8 +201,12 @@ class Engine:
                                   "correct": torch.zeros((), device=device, dtype=torch.int64), "seen": 0,
                                   "lr": optimizer.param_groups[0]["lr"]}
         totals = state.epoch_totals
-        loss_sum, correct = totals["loss_sum"], totals["correct"]  # updated in place: checkpoints read them
+        if FINITE_BATCHES not in totals:  # a new epoch, or a resumed one: checkpoints hold only finite steps
+            totals[FINITE_BATCHES] = torch.full((), state.batch_index, device=device, dtype=torch.int64)
+        # updated in place: checkpoints read them
+        loss_sum, correct, finite_batches = totals["loss_sum"], totals["correct"], totals[FINITE_BATCHES]
         seen_before = totals["seen"]
+        check_steps = self.non_finite_check_steps
         start = time.perf_counter()
         for images, labels in state.train_loader:
             state.batch_index += 1
@@ -174,11 +218,6 @@ class Engine:
             with self.autocast():
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingStopped(
-                    f"loss is {loss.item()} at epoch {state.epoch}, step {state.batch_index} (global step {state.step}); "
-                    "lower the learning rate or use precision=fp32; the last checkpoint is kept"
-                )
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.grad_clip:
@@ -190,11 +229,16 @@ class Engine:
             batch = labels.shape[0]
             totals["seen"] += batch
             loss_sum += loss.detach() * batch
+            # A loss is never negative, so a nan or inf stays in the sum: it counts the steps before the first one.
+            finite_batches += torch.isfinite(loss_sum)
             if labels.dim() == 1:
                 correct += (logits.detach().argmax(1) == labels).sum()
             state.loss = loss.detach()
+            if state.batch_index % check_steps == 0:
+                raise_if_not_finite(state)
             self.hook("after_batch")
             self._stop_if_requested(mid_epoch=True)
+        raise_if_not_finite(state)
         seconds = time.perf_counter() - start
         counts = torch.tensor([totals["seen"], totals["seen"] - seen_before], device=device, dtype=torch.float64)
         totals_all = distributed.all_reduce_sum(torch.cat([torch.stack([loss_sum, correct.double()]), counts]))
@@ -206,3 +250,4 @@ class Engine:
             "epoch_seconds": seconds,
             "train_images_per_second": trained_now / seconds if seconds > 0 else math.nan,
         }
+

@@ -51,7 +51,8 @@ def import_dali():
     except ImportError as exc:
         raise MicrotrainError(
             f"loader 'dali' needs NVIDIA DALI, which is not installed here ({exc}); install it with "
-            f"{INSTALL_HINT} (or pip install nvidia-dali-cuda120), or use loader.name=albumentations"
+            f"{INSTALL_HINT} for a torch built for CUDA 12 (\".[dali-cu13]\" for CUDA 13: python -c "
+            "'import torch; print(torch.version.cuda)' tells), or use loader.name=albumentations"
         ) from None
     return fn, types, pipeline_def, feed_ndarray, to_torch_type
 
@@ -212,21 +213,40 @@ class DaliLoader(EpochBatches):
             raise MicrotrainError(f"loader 'dali' could not build its pipeline on {where}: {first}{hint}") from exc
         return pipe
 
+    def _stream(self) -> torch.cuda.Stream | None:
+        """torch's current stream on the run's GPU in GPU mode: DALI binds its outputs to it, so the copy into
+        torch waits on the device, not the host. None in CPU mode (the outputs are host memory)."""
+        return torch.cuda.current_stream(self.context.device) if self.gpu else None
+
+    def _run(self) -> tuple:
+        """One pipeline iteration. In GPU mode its outputs are ordered on torch's stream instead of being
+        host-synchronous: ``Pipeline.run(cuda_stream)``, which needs DALI's dynamic executor (the default since
+        DALI 2.0); an older DALI gets the plain, host-synchronous ``run()``."""
+        stream = self._stream()
+        if stream is None or not getattr(self._pipe, "exec_dynamic", False):
+            return self._pipe.run()
+        return self._pipe.run(stream)
+
     def _to_torch(self, batch) -> torch.Tensor:
-        """Copy a dense DALI batch into a new torch tensor: on the GPU on torch's current stream."""
+        """Copy a dense DALI batch into a new torch tensor: on the GPU on torch's current stream; from DALI's CPU
+        operators into pinned memory and on to a GPU run's device without blocking the host."""
         tensor = batch.as_tensor()
         dtype = self.torch_type[tensor.dtype]
+        device = self.context.device
         if self.gpu:
-            device = self.context.device
             out = torch.empty(tensor.shape(), dtype=dtype, device=device)
-            return self.feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
-        out = self.feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=dtype))
-        return out.to(self.context.device) if self.context.device.type != "cpu" else out
+            return self.feed_ndarray(tensor, out, cuda_stream=self._stream())
+        if device.type != "cuda":
+            return self.feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=dtype))
+        # Pinned staging makes the host-to-device copy asynchronous; torch's pinned allocator keeps the buffer
+        # until that copy has run, so a new one per batch is safe and comes from its cache.
+        staged = self.feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=dtype, pin_memory=True))
+        return staged.to(device, non_blocking=True)
 
     def _finish(self) -> None:
         """After the epoch's last batch: DALI's source has said StopIteration; rewind for the next epoch."""
         try:
-            self._pipe.run()
+            self._run()
         except StopIteration:
             self._pipe.reset()
             self._dirty = False
@@ -242,7 +262,7 @@ class DaliLoader(EpochBatches):
         total = len(self._batches)
         for i in range(total):
             self._dirty = True
-            images, labels = self._pipe.run()
+            images, labels = self._run()
             images, labels = self._to_torch(images), self._to_torch(labels)
             if self.context.channels_last:
                 images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last memory format
