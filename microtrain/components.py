@@ -49,7 +49,7 @@ class Range:
         fits = finite and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt) \
             and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
         if not fits:
-            raise RecipeError(f"{where}: must be {self.describe()}, got {value!r}; fix the value in the recipe "
+            raise RecipeError(f"{where}: must be {self.describe()}, got {shown(value)}; fix the value in the recipe "
                               f"or override it as {where}=VALUE")
         return value
 
@@ -283,8 +283,8 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
             try:
                 return float(value)
             except OverflowError:  # an integer too large for a float (10**400)
-                raise RecipeError(f"{where}: {value} is too large for a number of this kind; fix the value in the "
-                                  f"recipe or override it as {where}=VALUE") from None
+                raise RecipeError(f"{where}: {shown(value)} is too large for a number; fix the value in the recipe or "
+                                  f"override it as {where}=VALUE") from None
         raise _type_error(value, annotation, where)
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -297,10 +297,14 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def shown(value: Any) -> str:
+    """A value as an error line quotes it: a pasted mapping or a 400-digit number must not flood the one line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _type_error(value: Any, annotation: Any, where: str) -> RecipeError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."  # a pasted mapping must not flood the one line
     return _TypeMismatch(
-        f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {shown}; fix the value in the "
+        f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {shown(value)}; fix the value in the "
         f"recipe or override it as {where}=VALUE"
     )

@@ -99,7 +99,7 @@ RULES = [  # (overrides, the one line it must give)
     (["optimizer.lr=.nan"], r"^optimizer.lr: must be > 0 and <= 1000, got nan"),
     (["optimizer.lr=.inf"], r"^optimizer.lr: must be > 0 and <= 1000, got inf"),
     (["optimizer.lr=1e400"], r"^optimizer.lr: must be > 0 and <= 1000, got inf"),  # YAML reads 1e400 as inf
-    (["optimizer.lr=" + "9" * 400], r"^optimizer.lr: 9+ is too large"),
+    (["optimizer.lr=" + "9" * 400], r"^optimizer.lr: 9{77}\.\.\. is too large for a number"),
     (["optimizer.momentum=1"], r"^optimizer.momentum: must be >= 0 and < 1"),
     (["optimizer.weight_decay=-0.1"], r"^optimizer.weight_decay: must be >= 0 and <= 1"),
     (["epochs=0"], r"^epochs: must be >= 1 and <= 1000000, got 0"),
@@ -139,7 +139,7 @@ RULES = [  # (overrides, the one line it must give)
 ]
 
 
-@pytest.mark.parametrize("overrides, message", RULES, ids=[" ".join(o) for o, _ in RULES])
+@pytest.mark.parametrize("overrides, message", RULES, ids=[" ".join(o)[:60] for o, _ in RULES])
 def test_each_rule_refuses_its_bad_value_in_one_line_when_resolved(overrides, message):
     with pytest.raises(RecipeError) as info:
         prepare_recipe(TINY, overrides)
