@@ -29,11 +29,18 @@ SECONDS_NOTE = ("Seconds and images/s depend on the machine and on what else ran
                 "the same command differ by 10-20%.")
 
 
+def level_unit(unit: str) -> str:
+    """An accuracy is in %, a difference of two in percentage points."""
+    return "%" if unit == "points" else unit
+
+
 def fmt(value: float | None, unit: str, signed: bool = False) -> str:
-    """A figure with its unit: points to 2 decimals, seconds to 1, others to 4 significant digits."""
+    """A figure with its unit: % and points to 2 decimals, seconds to 1, others to 4 significant digits."""
     if value is None or not math.isfinite(value):
         return "n/a" if value is None or math.isnan(value) else ("+inf" if value > 0 else "-inf")
     sign = "+" if signed else ""
+    if unit == "%":
+        return f"{value:{sign}.2f}%"
     if unit == "points":
         return f"{value:{sign}.2f} points"
     if unit in ("s", "img/s"):
@@ -79,7 +86,7 @@ def difference_statistics(a: np.ndarray, b: np.ndarray, unit: str, one_sided: bo
     found = []
     for key, values in zip(SIDES, (a, b), strict=True):
         mean, sd = stats.mean_sd(values)
-        found += [statistic(f"mean_{key}", f"mean over seeds of side {key.upper()}", unit, value=mean),
+        found += [statistic(f"mean_{key}", f"mean over seeds of side {key.upper()}", level_unit(unit), value=mean),
                   statistic(f"sd_{key}", f"sample standard deviation over seeds of side {key.upper()} (n - 1)", unit, value=sd)]
     found += [
         statistic("mean_difference", "mean over seeds of B - A (paired by seed)", unit, value=t_ci["mean"]),
@@ -136,9 +143,8 @@ def verdict(metric: Metric, found: dict[str, dict[str, Any]], pairs: int, labels
         return (f"B ({b}) is {'better' if better else 'worse'} than A ({a}) on {metric.name}: B - A = {fmt(mean, unit, True)}, "
                 f"95% interval {interval} ({basis}), so B's {metric.name} is {'higher' if higher else 'lower'} by "
                 f"{fmt(abs(low if higher else high), unit)} at least.")
-    return (f"No difference shown on {metric.name}: B - A = {fmt(mean, unit, True)}, 95% interval {interval} ({basis}); "
-            "the interval holds 0, so either recipe may be ahead by up to "
-            f"{fmt(max(abs(low), abs(high)), unit)}; more seeds narrow it.")
+    return (f"No difference shown on {metric.name}: B - A = {fmt(mean, unit, True)}, 95% interval {interval} ({basis}), "
+            "which holds 0: B - A may be of either sign; more seeds narrow the interval.")
 
 
 def analyse(metric: Metric, runs_a: Sequence[RunFigures], runs_b: Sequence[RunFigures], labels: dict[str, str]

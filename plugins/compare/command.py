@@ -142,14 +142,17 @@ def compare_recipes(args, recipes: list[str], overrides: list[str], metric) -> i
         default_labels((side_a.name, side_b.name), (set_a, set_b))
     command_line = shlex.join(["microtrain", "compare", *recipes, "--seeds", str(args.seeds), "--metric", metric.name,
                                *[w for s in set_a for w in ("--set-a", s)], *[w for s in set_b for w in ("--set-b", s)],
-                               "--out", str(out), *overrides])
+                               *(["--labels", *args.labels] if args.labels else []), "--out", str(out), *overrides])
     print_plan(planned, estimate, labels, notes, budget)
-    if estimate.runs and estimate.seconds > budget and not args.yes:
+    over_budget = estimate.runs and estimate.seconds > budget and not args.yes
+    if args.dry_run:
+        print("compare: dry run, nothing trained" + ("; over --budget: a real run needs --yes or a larger --budget"
+                                                     if over_budget else ""))
+        return 0
+    if over_budget:
         raise MicrotrainError(f"the plan needs roughly {planning.duration_text(estimate.seconds)} ({estimate.runs} runs, "
                               f"{estimate.epochs} epochs), over --budget {args.budget}; add --yes to run it anyway, or raise "
                               "--budget")
-    if args.dry_run:
-        return 0
     status = execute(planned, command_line)
     if status:
         return status
@@ -190,7 +193,7 @@ def compare_run_dirs(args, recipes: list[str], overrides: list[str], metric) -> 
     labels = dict(zip(SIDES, args.labels, strict=True)) if args.labels else default_labels(names, ([], []))
     out = args.out or default_out(*names)
     command_line = shlex.join(["microtrain", "compare", "--runs-a", *args.runs_a, "--runs-b", *args.runs_b,
-                               "--metric", metric.name, "--out", str(out)])
+                               "--metric", metric.name, *(["--labels", *args.labels] if args.labels else []), "--out", str(out)])
     header = {key: {"recipe": None, "name": names[i], "overrides": [], "run_dirs": [str(r.run_dir) for r in runs[key]]}
               for i, key in enumerate(SIDES)}
     if args.dry_run:

@@ -13,7 +13,7 @@ import numpy as np
 
 from microtrain_plugins.callbacks.report.figures import DPI
 from microtrain_plugins.callbacks.report.render import save_figure, write_text_atomically
-from microtrain_plugins.compare.analysis import SIDES, fmt
+from microtrain_plugins.compare.analysis import SIDES, fmt, level_unit
 
 FILES = ("compare.json", "compare.md", "compare.png")
 SIDE_COLOURS = {"a": "tab:blue", "b": "tab:orange"}
@@ -53,7 +53,7 @@ def _stat_text(entry: dict[str, Any]) -> str:
         return "n/a (every difference is 0)" if value is None or not math.isfinite(value) else f"{value:.4g}"
     if entry["name"] == "variance_reduction_factor":
         return "n/a" if value is None or math.isnan(value) else f"{value:.3g}x"
-    return fmt(value, unit, signed=entry["name"].endswith("difference") or entry["name"].startswith("upper_bound"))
+    return fmt(value, unit, signed=entry["name"] == "mean_difference" or entry["name"].startswith("upper_bound"))
 
 
 # --- terminal ---------------------------------------------------------------------------------------------------
@@ -70,14 +70,14 @@ def print_result(result: dict[str, Any]) -> None:
     for column in ("seed", f"A: {labels['a']}", f"B: {labels['b']}", "B - A"):
         seeds.add_column(escape(column), justify="right")
     for row in result["per_seed"]:
-        seeds.add_row(str(row["seed"]), fmt(row["a"], unit), fmt(row["b"], unit),
+        seeds.add_row(str(row["seed"]), fmt(row["a"], level_unit(unit)), fmt(row["b"], level_unit(unit)),
                       fmt(row["difference"], unit, True) if row["difference"] is not None else "target not reached")
     mean_a, sd_a, mean_b, sd_b = (_stat(result, n) for n in ("mean_a", "sd_a", "mean_b", "sd_b"))
     if mean_a:
         seeds.add_section()
         diff, sd_diff = _stat(result, "mean_difference"), _stat(result, "sd_difference")
-        seeds.add_row("mean ± sd", f"{fmt(mean_a['value'], unit)} ± {fmt(sd_a['value'], unit)}",
-                      f"{fmt(mean_b['value'], unit)} ± {fmt(sd_b['value'], unit)}",
+        seeds.add_row("mean ± sd", f"{fmt(mean_a['value'], level_unit(unit))} ± {fmt(sd_a['value'], unit)}",
+                      f"{fmt(mean_b['value'], level_unit(unit))} ± {fmt(sd_b['value'], unit)}",
                       f"{fmt(diff['value'], unit, True)} ± {fmt(sd_diff['value'], unit)}")
     console.print(seeds)
     if result["statistics"]:
@@ -137,7 +137,7 @@ def markdown(result: dict[str, Any]) -> str:
     if header.get("command"):
         parts += ["", "Command:", "", "```", header["command"], "```"]
     parts += ["", "## Per seed", ""]
-    rows = [[str(r["seed"]), fmt(r["a"], unit), fmt(r["b"], unit),
+    rows = [[str(r["seed"]), fmt(r["a"], level_unit(unit)), fmt(r["b"], level_unit(unit)),
              fmt(r["difference"], unit, True) if r["difference"] is not None else "target not reached"]
             for r in result["per_seed"]]
     parts += [_md_table(["seed", "A", "B", "B - A"], rows), ""]
@@ -248,7 +248,7 @@ def _difference_panel(ax, result: dict[str, Any]) -> None:
         ax.legend(loc="best", fontsize=8)
     ax.set_xticks(range(len(ticks)), ticks, fontsize=9)
     ax.set_xlim(-0.5, len(ticks) - 0.2)
-    ax.set_ylabel(f"B - A, {_axis_label(metric)}")
+    ax.set_ylabel(f"B - A, {metric['name']}" + (f" ({metric['unit']})" if metric["unit"] else ""))
     ax.set_title("the difference and its 95% intervals", fontsize=11)
     ax.grid(axis="y", alpha=0.3)
     if not rows:

@@ -175,11 +175,12 @@ class Estimate:
 
 
 def measured_speed(side: Side, out: Path, runs_root: Path = Path("runs")) -> Speed:
-    """Train images/s of this recipe measured on this machine: median over the epochs of its newest run dirs
-    (this comparison's own first, then runs/<recipe name>/), else the assumption."""
+    """Train images/s of this recipe measured on this machine: median over the epochs of its newest run dir
+    (this comparison's own first, then any run of a recipe of the same name under runs/), else the assumption."""
     found = sorted(out.glob(f"{side.key}/seed*/metrics.jsonl"), key=_mtime, reverse=True)
-    found += sorted(runs_root.glob(f"{side.name}/*/metrics.jsonl"), key=_mtime, reverse=True)
-    for path in found[:5]:
+    others = [p for depth in range(2, 5) for p in runs_root.glob("/".join(["*"] * depth) + "/metrics.jsonl")]
+    found += sorted((p for p in others if _recipe_name(p.parent) == side.name), key=_mtime, reverse=True)
+    for path in found:
         try:
             rows = read_metrics(path.parent)
         except MicrotrainError:
@@ -187,8 +188,15 @@ def measured_speed(side: Side, out: Path, runs_root: Path = Path("runs")) -> Spe
         speeds = [row["train_images_per_second"] for row in rows if isinstance(row.get("train_images_per_second"), (int, float))]
         if speeds:
             return Speed(statistics.median(speeds), f"median of {len(speeds)} epochs in {path.parent}", True)
-    return Speed(ASSUMED_IMAGES_PER_SECOND, f"assumed: no run of {side.name} found under {out / side.key} or "
-                 f"{runs_root / side.name}", False)
+    return Speed(ASSUMED_IMAGES_PER_SECOND, f"assumed: no run of {side.name} found under {out / side.key} or {runs_root}",
+                 False)
+
+
+def _recipe_name(run_dir: Path) -> str | None:
+    try:
+        return read_recipe(run_dir).get("name")
+    except MicrotrainError:
+        return None
 
 
 def _mtime(path: Path) -> float:
