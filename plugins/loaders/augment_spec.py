@@ -120,6 +120,8 @@ def check_augment_list(entries: list[Any], where: str = "loader.augment") -> lis
     values that are pixel levels, each keeping the loader contract. Returns ``entries`` unchanged, so
     the saved recipe says what the user wrote."""
     parsed = parse_augment_list(entries, where)
+    if not parsed:  # nothing to check: a machine without albumentations can still run the canonical loaders
+        return entries
     for i, (name, args) in enumerate(parsed):
         _check_fill_levels(name, args.get("fill"), f"{where}[{i}]")
     pipeline = build_transforms(entries, where)
@@ -302,9 +304,11 @@ def canonical_transforms(entries: list[Any], loader: str, where: str = "loader.a
 
     A transform or argument value the canonical form cannot express is an error naming the
     transform and the loader, never silently dropped."""
+    parsed = parse_augment_list(entries, where)
+    if not parsed:
+        return []
     import albumentations as A
 
-    parsed = parse_augment_list(entries, where)
     for i, (name, _args) in enumerate(parsed):
         if name not in CANONICAL:
             raise unsupported(loader, name, CANONICAL, f"{where}[{i}]")
