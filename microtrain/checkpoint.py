@@ -3,8 +3,9 @@
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts:
     format, epoch, batch_index, epoch_totals, step, model, optimizer, scheduler, grad_scaler, history, rng,
     recipe_hash, classes, data, plugins
-``data`` records what a model needs to see its inputs as in training (``mean``, ``std``, ``image_shape``), so
-microtrain.load_run rebuilds a run's model without its dataset; checkpoints written before it have none.
+``data`` records what a model needs to see its inputs as in training (``mean``, ``std``, ``image_shape``) and the
+training split's ``train_size`` (so a stand-in dataset gives the run's epoch length), so microtrain.load_run rebuilds
+a run's model without its dataset; checkpoints written before it have none.
 ``epoch`` is the last finished epoch. A mid-epoch checkpoint also has ``batch_index`` > 0 (batches of the
 next epoch already trained) and ``epoch_totals`` (their loss and accuracy sums), so a resumed run starts at
 the next batch and logs the same figures as an uninterrupted one.
@@ -143,7 +144,7 @@ def make_checkpoint(state, mid_epoch: bool = False) -> dict[str, Any]:
         "recipe_hash": recipe_hash(state.recipe),
         "classes": list(state.data.classes),
         "data": {"mean": [float(v) for v in state.data.mean], "std": [float(v) for v in state.data.std],
-                 "image_shape": [int(v) for v in state.data.image_shape]},
+                 "image_shape": [int(v) for v in state.data.image_shape], "train_size": len(state.data.train_labels)},
         "plugins": {},
     }
     call_hook(state.plugin_manager, "on_checkpoint_save", state=state, checkpoint=checkpoint)

@@ -65,10 +65,11 @@ def find_run(path: str | Path) -> tuple[Path, Path]:
 def stand_in_data(classes: Sequence[str], recorded: dict[str, Any], batch_size: int) -> ImageData:
     """A dataset with the run's classes, image shape and statistics, and blank images.
 
-    build_run makes loaders over it and refuses a training split too small for one batch, so it gets two batches
-    of zero images (np.zeros: no memory is touched until a loader copies them), labels spread over the classes."""
+    build_run makes loaders, an optimizer and a schedule over it, and a schedule may need the run's epoch length
+    (onecycle refuses fewer than 4 steps), so its training split has the run's size (``train_size``; two batches
+    for a checkpoint without it): np.zeros, whose pages are not touched until a loader copies them."""
     channels, height, width = (int(v) for v in recorded["image_shape"])
-    count = 2 * max(batch_size, len(classes), 1)
+    count = int(recorded.get("train_size") or 2 * max(batch_size, len(classes), 1))
     images = np.zeros((count, height, width, channels), dtype=np.uint8)
     labels = np.arange(count, dtype=np.int64) % len(classes)
     return ImageData(images, labels, images[: len(classes)], labels[: len(classes)], list(classes),
