@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from microtrain.errors import RecipeError, did_you_mean
+from microtrain.errors import OptionTypeError, RecipeError, did_you_mean
 
 KINDS = ("model", "data", "loader", "optimizer", "schedule", "callback")
 
@@ -230,11 +230,6 @@ def type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
-class _TypeMismatch(RecipeError):
-    """The value is not of the option's type (as opposed to a value of the right type that breaks a rule): a union
-    tries its next member on this, and reports a rule's own message on any other RecipeError."""
-
-
 def check_type(value: Any, annotation: Any, where: str) -> Any:
     """Return ``value`` if it fits ``annotation`` and its rules (ints are accepted as floats), else raise RecipeError."""
     if annotation is Any:
@@ -252,13 +247,13 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
         for arg in args:
             try:
                 return check_type(value, arg, where)
-            except _TypeMismatch:
+            except OptionTypeError:
                 continue
         raise _type_error(value, annotation, where)
     if origin is typing.Literal:
         if any(type(value) is type(arg) and value == arg for arg in args):  # True is not 1 here
             return value
-        raise _TypeMismatch(
+        raise OptionTypeError(
             f"{where}: {value!r} is not allowed{did_you_mean(value, args)}; choose one of {', '.join(map(repr, args))}"
         )
     if annotation is type(None):
@@ -270,7 +265,7 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
             raise _type_error(value, annotation, where)
         if args and args[-1] is not Ellipsis and origin is tuple:
             if len(args) != len(value):
-                raise _TypeMismatch(f"{where}: expected {len(args)} values ({type_name(annotation)}), got {len(value)}")
+                raise OptionTypeError(f"{where}: expected {len(args)} values ({type_name(annotation)}), got {len(value)}")
             return [check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         item = args[0] if args else Any
         return [check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -304,7 +299,7 @@ def shown(value: Any) -> str:
 
 
 def _type_error(value: Any, annotation: Any, where: str) -> RecipeError:
-    return _TypeMismatch(
+    return OptionTypeError(
         f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {shown(value)}; fix the value in the "
         f"recipe or override it as {where}=VALUE"
     )

@@ -11,6 +11,11 @@ class RecipeError(MicrotrainError):
     """The recipe (file or overrides) is invalid."""
 
 
+class OptionTypeError(RecipeError):
+    """A recipe value is not of its option's type (as opposed to a value of the right type that breaks a rule): a
+    union type tries its next member on this, and reports a rule's own message on any other RecipeError."""
+
+
 class DataError(MicrotrainError):
     """The dataset is missing, corrupt or unreadable."""
 
