@@ -231,8 +231,9 @@ class Engine:
             loss_sum += loss.detach() * batch
             # A loss is never negative, so a nan or inf stays in the sum: it counts the steps before the first one.
             finite_batches += torch.isfinite(loss_sum)
-            if labels.dim() == 1:
-                correct += (logits.detach().argmax(1) == labels).sum()
+            # Soft labels (mixup, cutmix) count as their strongest class.
+            hard_labels = labels if labels.dim() == 1 else labels.argmax(1)
+            correct += (logits.detach().argmax(1) == hard_labels).sum()
             state.loss = loss.detach()
             if state.batch_index % check_steps == 0:
                 raise_if_not_finite(state)
