@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[yellow]{loader}: skipped ({exc})[/]")
             results.append({"loader": loader, "skipped": str(exc)})
             continue
+        except Exception as exc:  # noqa: BLE001 - one loader's failure (a missing module, a CUDA error) is a result too
+            console.print(f"[red]{loader}: failed ({type(exc).__name__}: {exc})[/]", highlight=False)
+            results.append({"loader": loader, "skipped": f"failed: {type(exc).__name__}: {exc}"[:500], "failed": True})
+            write_report(args, argv, device, model_name, flops_per_image, peak, results)
+            continue
         mt, bare = max(runs["microtrain"]), max(runs["bare"])
         results.append({
             "loader": loader, "ratio": mt / bare,
@@ -260,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "fraction_of_peak": mt * flops_per_image / 1e9 / peak,
             "all_microtrain_images_per_second": runs["microtrain"], "all_bare_images_per_second": runs["bare"],
         })
+        write_report(args, argv, device, model_name, flops_per_image, peak, results)  # a stopped run keeps this much
 
     table = Table(title=f"training throughput: {model_name or '?'}, batch {args.batch_size}, {args.steps} timed steps "
                         f"after {args.warmup}, best of {args.repeats}")
@@ -277,17 +283,25 @@ def main(argv: list[str] | None = None) -> int:
                       f"MFLOP per image (forward + backward); peak {peak:.1f} GFLOP/s (2048x2048 fp32 matmul)",
                       highlight=False)
     if args.json:
-        report = {
-            "benchmark": "epoch_throughput", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "machine": machine(), "device": str(device), "recipe": str(args.recipe), "model": model_name,
-            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-            "data": args.data_root or "synthetic", "overrides": args.overrides,
-            "train_flops_per_image": flops_per_image, "peak_gflops": peak, "loaders": results,
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args, argv, device, model_name, flops_per_image, peak, results)
         console.print(f"wrote {args.json}")
-    return 0
+    return 1 if any(row.get("failed") for row in results) else 0
+
+
+def write_report(args: argparse.Namespace, argv: list[str] | None, device, model_name, flops_per_image, peak,
+                 results: list[dict[str, Any]]) -> None:
+    """The JSON report of what is measured so far (``--json``), rewritten after every loader."""
+    if not args.json:
+        return
+    report = {
+        "benchmark": "epoch_throughput", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(), "device": str(device), "recipe": str(args.recipe), "model": model_name,
+        "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "data": args.data_root or "synthetic", "overrides": args.overrides,
+        "train_flops_per_image": flops_per_image, "peak_gflops": peak, "loaders": results,
+    }
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

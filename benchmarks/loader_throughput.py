@@ -237,16 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for variant in variants(names, args.worker_counts, device.type == "cuda"):
         print(f"measuring {variant.loader} ({variant.setting}) ...", file=sys.stderr, flush=True)
-        results.append(measure(registry, variant, data, device, args.batch_size, augment, args.warmup, args.epochs))
+        try:
+            results.append(measure(registry, variant, data, device, args.batch_size, augment, args.warmup, args.epochs))
+        except Exception as exc:  # noqa: BLE001 - one loader's failure (a missing module, a CUDA error) is a result too
+            results.append(Result(variant.loader, variant.setting, str(device), status="failed",
+                                  reason=f"{type(exc).__name__}: {exc}"[:500]))
+        if args.json:  # after every variant: a run stopped half-way keeps what it measured
+            args.json.write_text(json.dumps({"settings": settings, "machine": info,
+                                             "results": [asdict(r) for r in results]}, indent=2) + "\n")
     header = {"data": f"{source}, {settings['images']:,} images", "batch": args.batch_size, "augment": args.augment,
               "epochs": f"{args.warmup} warm-up + {args.epochs} measured", "cores": info["cpu_cores"],
               "gpu": info["gpu"] or "none", "load avg at start": info["load_average_at_start"]}
     print_table(results, header)
     if args.json:
-        args.json.write_text(json.dumps({"settings": settings, "machine": info, "results": [asdict(r) for r in results]},
-                                        indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
-    return 0
+    return 1 if any(r.status == "failed" for r in results) else 0
 
 
 if __name__ == "__main__":
