@@ -89,8 +89,9 @@ def print_results(loaded: LoadedRun, inputs: input_files.Inputs, probabilities: 
     labelled = inputs.labelled
     shown = min(rows, len(inputs))
     if shown:
-        table = Table(title_justify="left")
-        table.add_column("image", overflow="fold")
+        table = Table()
+        longest = max(len(name) for name in inputs.names[:shown])
+        table.add_column("image", overflow="fold", min_width=min(longest, console.width // 2))  # the other columns wrap first
         table.add_column("class")
         table.add_column("probability", justify="right")
         if top_k > 1:
