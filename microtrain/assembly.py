@@ -34,6 +34,7 @@ from microtrain.engine import Engine, evaluate
 from microtrain.errors import MicrotrainError
 from microtrain.plugin_manager import call_hook, create_plugin_manager, register_callback, register_module
 from microtrain.recipe import apply_overrides, load_recipe_file, module_exists, plugin_entries, resolve_recipe
+from microtrain.sampling import stratified_holdout
 from microtrain.state import ImageData, LoaderContext, State
 
 EVALUATION_HOOKS = ("on_checkpoint_load", "before_eval", "predict")
@@ -181,14 +182,22 @@ def build_state(recipe: dict[str, Any], run_dir: Path, pm: pluggy.PluginManager,
     loader_cfg = dict(recipe["loader"])
     loader_component = registry.get("loader", loader_cfg.pop("name"), "loader.name")
 
-    def make_loader(train: bool):
-        images, labels = data.split(train)
+    def make_loader(images: np.ndarray, labels: np.ndarray, train: bool):
         ctx = LoaderContext(images=images, labels=labels, train=train, device=device, seed=recipe["seed"],
                             mean=data.mean, std=data.std, rank=rank, world_size=world_size,
                             channels_last=recipe["channels_last"])
         return loader_component.build(ctx, options=loader_cfg)
 
-    train_loader, test_loader = make_loader(True), make_loader(False)
+    train_images, train_labels = data.split(True)
+    val_loader = None
+    if recipe["val_fraction"] > 0:
+        # Chosen by the seed alone, before any loader: every rank, loader and resumed process holds out the same images.
+        kept, held = stratified_holdout(train_labels, recipe["val_fraction"], recipe["seed"])
+        if len(held):
+            val_loader = make_loader(train_images[held], train_labels[held], train=False)
+            train_images, train_labels = train_images[kept], train_labels[kept]
+    train_loader = make_loader(train_images, train_labels, train=True)
+    test_loader = make_loader(*data.split(False), train=False)
 
     model_cfg = dict(recipe["model"])
     model = registry.get("model", model_cfg.pop("name"), "model.name").build(data.num_classes, data.image_shape, options=model_cfg)
@@ -213,7 +222,7 @@ def build_state(recipe: dict[str, Any], run_dir: Path, pm: pluggy.PluginManager,
     state = State(recipe=recipe, run_dir=run_dir, device=device, data=data, model=model, optimizer=optimizer,
                   scheduler=scheduler, train_loader=train_loader, test_loader=test_loader, epochs=recipe["epochs"],
                   rank=rank, world_size=world_size, steps_per_epoch=steps_per_epoch, plugin_manager=pm,
-                  grad_scaler=grad_scaler)
+                  grad_scaler=grad_scaler, val_loader=val_loader)
     if recipe["compile"]:
         state.model = torch.compile(model)
     state.eval_model = state.model

@@ -83,7 +83,8 @@ def evaluate(state: State, model: torch.nn.Module, *, loader: Iterable | None = 
     ``collect`` sees every batch's logits (the report keeps the most confident mistakes with it). With
     ``all_ranks`` every rank evaluates rank 0's model on its shard and the figures are summed over ranks; a
     pass run on one rank only (``all_ranks=False``) covers that rank's shard and makes no collective call.
-    Keys are ``{prefix}_loss``, ``{prefix}_acc``, ``per_class_acc`` and ``confusion`` (rows: true class)."""
+    Keys are ``{prefix}_loss``, ``{prefix}_acc``, ``per_class_acc`` and ``confusion`` (rows: true class); for another
+    prefix than ``test`` the last two are ``{prefix}_per_class_acc`` and ``{prefix}_confusion``."""
     loader = state.test_loader if loader is None else loader
     if all_ranks:
         distributed.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one it checkpoints
@@ -118,11 +119,12 @@ def evaluate(state: State, model: torch.nn.Module, *, loader: Iterable | None = 
         name: (100.0 * int(confusion[i, i]) / int(per_class_total[i])) if int(per_class_total[i]) else math.nan
         for i, name in enumerate(classes)
     }
+    detail = "" if prefix == "test" else f"{prefix}_"  # the test split's keys are per_class_acc and confusion
     return {
         f"{prefix}_loss": float(loss_sum) / max(total, 1),
         f"{prefix}_acc": 100.0 * int(confusion.diag().sum()) / max(total, 1),
-        "per_class_acc": per_class_acc,
-        "confusion": confusion.tolist(),
+        f"{detail}per_class_acc": per_class_acc,
+        f"{detail}confusion": confusion.tolist(),
     }
 
 
@@ -177,7 +179,10 @@ class Engine:
             train_metrics = self.train_epoch()
             state.metrics = {"epoch": epoch, **train_metrics}
             self.hook("before_eval")
-            state.metrics.update(evaluate(state, state.eval_model or state.model))
+            model = state.eval_model or state.model
+            state.metrics.update(evaluate(state, model))
+            if state.val_loader is not None:
+                state.metrics.update(evaluate(state, model, loader=state.val_loader, prefix="val"))
             self.hook("on_eval")
             state.history.append(state.metrics)
             self.hook("after_epoch")

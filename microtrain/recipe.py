@@ -72,6 +72,9 @@ CORE_FIELDS: dict[str, CoreField] = {
     "grad_clip": CoreField(Annotated[float, Range(ge=0)] | None, None,
                            "clip the gradient norm to this value (none or 0: no clipping)"),
     "sync_batchnorm": CoreField(bool, False, "use SyncBatchNorm across ranks in distributed GPU runs"),
+    "val_fraction": CoreField(Annotated[float, Range(ge=0, le=0.5)], 0.0,
+                              "share of each class of the train split held out for validation (chosen by seed, never "
+                              "augmented; best.pt is chosen on it); 0: no validation split"),
     "plugins": CoreField(list, DEFAULT_PLUGINS, "callbacks by name (a dict gives options) and plugin modules by import path"),
 }
 
@@ -306,6 +309,16 @@ def resolve_recipe(raw: dict[str, Any], registry: Registry, from_cli: dict[str, 
         resolved[section] = {"name": body["name"], **component.validate(options, section)}
     resolved["plugins"] = normalise_plugins(resolved["plugins"], registry)
     return resolved
+
+
+def with_core_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` with every optional core field it lacks set to its default: a recipe.yaml saved before a field
+    existed describes a run that had the field's default."""
+    filled = dict(recipe)
+    for key, spec in CORE_FIELDS.items():
+        if key not in filled and spec.default is not REQUIRED:
+            filled[key] = copy.deepcopy(spec.default)
+    return filled
 
 
 def normalise_plugins(plugins: list[Any], registry: Registry) -> list[Any]:

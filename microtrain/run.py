@@ -27,7 +27,7 @@ from microtrain.assembly import build_run, default_run_dir, prepare_recipe
 from microtrain.checkpoint import load_checkpoint, restore_checkpoint
 from microtrain.engine import Engine
 from microtrain.errors import CheckpointError, MicrotrainError, PluginError, PluginHookError, RecipeError, Signalled
-from microtrain.recipe import dump_recipe, load_recipe_file, normalise_plugins
+from microtrain.recipe import dump_recipe, load_recipe_file, normalise_plugins, with_core_defaults
 from microtrain.resume import (
     check_changes,
     check_epochs,
@@ -218,6 +218,7 @@ def _saved_recipe(run_dir: Path, registry) -> dict[str, Any]:
     saved = load_recipe_file(run_dir / "recipe.yaml")  # a damaged file is one line, as a recipe's would be
     if not isinstance(saved, dict):
         raise MicrotrainError(f"--resume: '{run_dir / 'recipe.yaml'}' is not a recipe; pass the run dir of an earlier run")
+    saved = with_core_defaults(saved)
     if isinstance(saved.get("plugins"), list):
         try:  # a run dir written before plugins had their normal form lists bare callback names
             saved["plugins"] = normalise_plugins(saved["plugins"], registry)

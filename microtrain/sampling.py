@@ -93,3 +93,26 @@ class EpochBatches:
         numbered = list(enumerate(self.epoch_batches()))[self.start_batch:]
         self.start_batch = 0
         return numbered
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample indices into (kept, held out): ``fraction`` of every class held out, chosen by ``seed`` alone.
+
+    Per class, round(fraction * count) samples are held out (at least one when fraction > 0 and the class has
+    two or more, so every class is validated; never all of a class, so every class is trained). The result
+    depends only on (labels, fraction, seed): every rank, loader and resumed process gets the same split.
+    Both index arrays are sorted, so the kept samples keep their order in the dataset."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 0x7A11D])
+    held: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = int(round(fraction * len(members)))
+        if fraction > 0 and len(members) >= 2:
+            count = min(max(count, 1), len(members) - 1)
+        else:
+            count = 0
+        held.append(rng.permutation(members)[:count])
+    holdout = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), holdout, assume_unique=True)
+    return kept, holdout

@@ -105,6 +105,7 @@ class State:
     status: str = "running"
     plugin_manager: pluggy.PluginManager | None = None  # calls the hooks; checkpoints and evaluation use it
     grad_scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (disabled, but present, otherwise)
+    val_loader: Any = None  # the held-out share of the train split (recipe field val_fraction), or None
 
     @property
     def is_main(self) -> bool:

@@ -235,7 +235,7 @@ def test_force_moves_the_old_run_aside_whole_and_starts_afresh(setup, completed,
     assert epochs_logged(run_dir) == [1] and status(run_dir) == "completed"
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["epochs"] == 1
     # one epoch writes last.pt once: a previous.pt here would be the old run's, mixed into the new one
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.pt", "last.pt"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.json", "best.pt", "last.pt"]
 
 
 def test_an_empty_or_new_run_dir_is_used_and_default_run_dirs_never_collide(setup, tmp_path, monkeypatch):

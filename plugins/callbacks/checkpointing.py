@@ -2,7 +2,11 @@
 
     <run dir>/checkpoints/last.pt      after every epoch, every ``every_steps`` steps if asked, and on Ctrl-C/SIGTERM/SIGHUP
     <run dir>/checkpoints/previous.pt  the last.pt before the newest one (a second chance if last.pt is damaged)
-    <run dir>/checkpoints/best.pt      the epoch with the highest test accuracy (``keep_best``)
+    <run dir>/checkpoints/best.pt      the best epoch by ``monitor`` (``keep_best``); best.json says which epoch,
+                                       on which metric, and whether that was the validation or the test split
+
+``monitor: auto`` is ``val_acc`` when the recipe holds out a validation split (``val_fraction``) and
+``test_acc`` otherwise; then best.pt was picked by looking at the test split, and best.json says so.
 
 Every file is written atomically (temporary file in the same folder, fsync, rename), so a kill at any
 byte leaves the old file or the new one, never a partial one. A mid-epoch checkpoint records the batch
@@ -14,12 +18,14 @@ samples, augmentation and random state, and logs exactly the figures an uninterr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Annotated, Literal
 
 import microtrain
-from microtrain import CheckpointError, Interrupted, RecipeError, atomic_save, make_checkpoint
+from microtrain import CheckpointError, Interrupted, Range, RecipeError, atomic_save, make_checkpoint
 
 FOLDER = "checkpoints"
 
@@ -44,8 +50,9 @@ def checkpoint_bytes(state) -> int:
 
 
 class Checkpointing:
-    def __init__(self, *, keep_best: bool = True, every_steps: int = 0, keep_previous: bool = True):
+    def __init__(self, *, keep_best: bool = True, every_steps: int = 0, keep_previous: bool = True, monitor: str = "auto"):
         self.keep_best = keep_best
+        self.monitor = monitor
         self.every_steps = every_steps
         self.keep_previous = keep_previous
         self.started = False  # before_fit ran: the state is one a checkpoint may capture
@@ -64,7 +71,12 @@ class Checkpointing:
     def before_fit(self, state):
         """Fail before training when the run dir cannot hold the checkpoints; drop temporary files a kill left."""
         self.started = True
-        self.best = max((row["test_acc"] for row in state.history), default=float("-inf"))
+        if self.monitor == "auto":
+            self.monitor = "val_acc" if state.val_loader is not None else "test_acc"
+        elif self.monitor.startswith("val_") and state.val_loader is None:
+            raise RecipeError(f"plugins.checkpoint.monitor: '{self.monitor}' needs a validation split; set val_fraction "
+                              "(e.g. val_fraction=0.1) or monitor a test metric")
+        self.best = max((self._score(row) for row in state.history if self.monitor in row), default=float("-inf"))
         if not state.is_main:
             return
         folder = self.folder(state)
@@ -92,10 +104,18 @@ class Checkpointing:
         if not state.is_main:
             return
         checkpoint = make_checkpoint(state)
-        if self.keep_best and state.metrics["test_acc"] > self.best:
-            self.best = state.metrics["test_acc"]
+        if self.keep_best and self._score(state.metrics) > self.best:
+            self.best = self._score(state.metrics)
             atomic_save(checkpoint, self.folder(state) / "best.pt")
+            split = "validation split" if self.monitor.startswith("val_") else "test split"
+            chosen = {"epoch": state.epoch, "monitor": self.monitor, "value": state.metrics[self.monitor], "split": split}
+            write_json_atomically(self.folder(state) / "best.json", chosen)
         self.save_last(state, checkpoint)
+
+    def _score(self, metrics: dict) -> float:
+        """Higher is better: accuracies as they are, losses negated."""
+        value = float(metrics[self.monitor])
+        return -value if self.monitor.endswith("_loss") else value
 
     @microtrain.hookimpl
     def on_error(self, state, error):
@@ -105,11 +125,17 @@ class Checkpointing:
             self.save_last(state, make_checkpoint(state, mid_epoch=True))  # (epoch ends: after_epoch wrote it)
 
 
-def build_checkpoint(*, keep_best: bool = True, every_steps: int = 0, keep_previous: bool = True) -> Checkpointing:
-    """Atomic checkpoints: last.pt every epoch (and every every_steps steps), best.pt on a new best test accuracy."""
-    if every_steps < 0:
-        raise RecipeError(f"plugins.checkpoint.every_steps must be 0 (only at epoch ends) or more, got {every_steps}")
-    return Checkpointing(keep_best=keep_best, every_steps=every_steps, keep_previous=keep_previous)
+def write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+def build_checkpoint(*, keep_best: bool = True, every_steps: Annotated[int, Range(ge=0)] = 0, keep_previous: bool = True,
+                     monitor: Literal["auto", "val_acc", "val_loss", "test_acc", "test_loss"] = "auto") -> Checkpointing:
+    """Atomic checkpoints: last.pt every epoch (and every every_steps steps, 0: only at epoch ends), best.pt on a new
+    best of monitor (auto: val_acc with a validation split, else test_acc)."""
+    return Checkpointing(keep_best=keep_best, every_steps=every_steps, keep_previous=keep_previous, monitor=monitor)
 
 
 @microtrain.hookimpl

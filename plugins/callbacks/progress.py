@@ -8,13 +8,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import Annotated
 
 import microtrain
+from microtrain import Range
 
 
 class Progress:
     def __init__(self, *, refresh_steps: int = 20, force_lines: bool = False):
-        self.refresh_steps = max(1, refresh_steps)
+        self.refresh_steps = refresh_steps
         self.force_lines = force_lines
         self._progress = None
         self._task = None
@@ -60,7 +62,8 @@ class Progress:
         m = state.metrics
         self._print(
             f"epoch {m['epoch']:>3}/{state.epochs}  lr {m['lr']:.4f}  train loss {m['train_loss']:.4f} acc "
-            f"{m['train_acc']:.2f}%  test loss {m['test_loss']:.4f} acc {m['test_acc']:.2f}%  "
+            f"{m['train_acc']:.2f}%  " + (f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.2f}%  " if "val_acc" in m else "")
+            + f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.2f}%  "
             f"{m['epoch_seconds']:.1f}s {m['train_images_per_second']:.0f} img/s"
         )
 
@@ -98,7 +101,7 @@ def _console():
     return QuietOnBrokenPipe()
 
 
-def build_progress(*, refresh_steps: int = 20, force_lines: bool = False) -> Progress:
+def build_progress(*, refresh_steps: Annotated[int, Range(ge=1)] = 20, force_lines: bool = False) -> Progress:
     """Progress bar with the running loss on a terminal, one line per epoch in logs."""
     return Progress(refresh_steps=refresh_steps, force_lines=force_lines)
 

@@ -18,6 +18,11 @@ def summarize(history: list[dict], wall_seconds: float | None = None, last: int 
     """The figures a person reports for a run, from its per-epoch metrics."""
     tail = history[-last:]
     final = history[-1]
+    validation = {}
+    if all("val_acc" in row for row in history):  # a validation split: the honest way to pick an epoch
+        best_val = max(history, key=lambda row: row["val_acc"])
+        validation = {"best_val_acc": best_val["val_acc"], "best_val_epoch": best_val["epoch"],
+                      "test_acc_at_best_val": best_val["test_acc"], "final_val_acc": final["val_acc"]}
     return {
         "epochs": len(history),
         "best_test_acc": max(row["test_acc"] for row in history),
@@ -28,6 +33,7 @@ def summarize(history: list[dict], wall_seconds: float | None = None, last: int 
         "mean_epoch_seconds": statistics.fmean(row["epoch_seconds"] for row in history),
         "mean_train_images_per_second": statistics.fmean(row["train_images_per_second"] for row in history),
         "wall_seconds": wall_seconds,
+        **validation,
     }
 
 
@@ -72,6 +78,10 @@ class Summary:
             f"wall time {summary['wall_seconds'] / 60:.1f} min, {summary['mean_train_images_per_second']:.0f} train img/s",
             highlight=False,
         )
+        if "best_val_acc" in summary:
+            console.print(f"validation accuracy: best {summary['best_val_acc']:.2f}% (epoch {summary['best_val_epoch']}, "
+                          f"test accuracy then {summary['test_acc_at_best_val']:.2f}%), final {summary['final_val_acc']:.2f}%",
+                          highlight=False)
 
 
 def check_reference(table: dict[Any, Any], where: str) -> dict[str, Any]:

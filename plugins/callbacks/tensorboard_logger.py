@@ -2,7 +2,7 @@
 ``<run dir>/tensorboard/``, so ``tensorboard --logdir runs`` shows every run.
 
 Logged against the global step: the loss and learning rate every ``every_steps`` steps (reading
-the loss synchronises the device, hence not every step), and at each epoch's end train/test
+the loss synchronises the device, hence not every step), and at each epoch's end train/val/test
 loss and accuracy, the learning rate, images/s and per-class accuracy; the confusion matrix as
 an image every epoch, and the most confidently wrong test images at the end (one pass of the
 evaluation model over rank 0's share of the test split, through the engine's evaluation loop). Needs the ``tensorboard``
@@ -28,8 +28,9 @@ def _summary_writer_class():
     return SummaryWriter
 
 
-EPOCH_SCALARS = (("train_loss", "loss/train"), ("test_loss", "loss/test"), ("train_acc", "accuracy/train"),
-                 ("test_acc", "accuracy/test"), ("lr", "epoch/lr"), ("train_images_per_second", "epoch/images_per_second"))
+EPOCH_SCALARS = (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("test_loss", "loss/test"),
+                 ("train_acc", "accuracy/train"), ("val_acc", "accuracy/val"), ("test_acc", "accuracy/test"),
+                 ("lr", "epoch/lr"), ("train_images_per_second", "epoch/images_per_second"))
 
 
 class TensorBoardLogger:
@@ -66,9 +67,10 @@ class TensorBoardLogger:
             if isinstance(m.get(key), (int, float)):
                 self.writer.add_scalar(tag, m[key], step)
         self.writer.add_scalar("epoch/epoch", state.epoch, step)
-        for name, value in (m.get("per_class_acc") or {}).items():
-            if isinstance(value, (int, float)):
-                self.writer.add_scalar(f"per_class/{name}", value, step)
+        for key, group in (("per_class_acc", "per_class"), ("val_per_class_acc", "val_per_class")):
+            for name, value in (m.get(key) or {}).items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{group}/{name}", value, step)
         if self.images and m.get("confusion") is not None:
             from microtrain_plugins.callbacks.report import confusion_figure, figure_rgb
 

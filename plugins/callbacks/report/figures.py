@@ -54,7 +54,10 @@ def curves_figure(history: list[dict], lr_steps: Sequence[float] | None, steps_p
     epochs = [row["epoch"] for row in history]
     style = {"marker": "o", "markersize": 3} if len(history) <= 30 else {}
     for ax, key, title, unit in ((acc_ax, "acc", "accuracy", "accuracy (%)"), (loss_ax, "loss", "loss", "cross-entropy loss")):
-        for split, colour in (("train", "tab:blue"), ("test", "tab:orange")):
+        splits = (("train", "tab:blue"), ("val", "tab:green"), ("test", "tab:orange"))
+        for split, colour in splits:
+            if split == "val" and not any(f"val_{key}" in row for row in history):
+                continue  # no validation split in this run
             values = [as_number(row.get(f"{split}_{key}")) for row in history]
             ax.plot(epochs, values, color=colour, label=split, **style)
         ax.set(title=title, xlabel="epoch", ylabel=unit)

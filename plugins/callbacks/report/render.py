@@ -82,6 +82,20 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
 
 
 
+def best_checkpoint_notes(best_json: Path) -> list[str]:
+    """What best.pt is, from the checkpoint callback's best.json: the epoch, the metric, and which split chose it."""
+    try:
+        best = json.loads(best_json.read_text())
+        epoch, monitor, split = best["epoch"], best["monitor"], best["split"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    note = f"checkpoints/best.pt is epoch {epoch}, chosen on {monitor}"
+    if split == "test split":
+        return [note + ": picked by looking at the test split (the run has no validation split; val_fraction=0.1 "
+                "holds one out), so its test accuracy is an optimistic estimate."]
+    return [note + " (the validation split held out of the training images)."]
+
+
 def make_report(out_dir: Path, *, recipe: dict[str, Any], history: list[dict], classes: Sequence[str],
                 mean: Sequence[float], std: Sequence[float], run_info: dict[str, Any],
                 predictions: Predictions | None = None, train_loader: Any = None, confusion: Any = None,
@@ -95,6 +109,7 @@ def make_report(out_dir: Path, *, recipe: dict[str, Any], history: list[dict], c
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
+    notes += best_checkpoint_notes(out_dir.parent / "checkpoints" / "best.json")
     if confusion is None and history and history[-1].get("confusion") is not None:
         confusion = history[-1]["confusion"]
         notes.append(f"Per-class figures and confusion matrix are those of the last finished epoch ({history[-1]['epoch']}).")
@@ -186,6 +201,8 @@ def render_markdown(record: dict[str, Any], history: list[dict], reference: dict
             ("best test accuracy", f"{percent_text(summary['best_test_acc'])}% (epoch {summary['best_epoch']})"),
             (f"mean test accuracy, last {min(LAST, len(history))} epochs", f"{percent_text(summary['last_mean_test_acc'])}%"),
             ("final test accuracy", f"{percent_text(summary['final_test_acc'])}%"),
+            *([("best validation accuracy", f"{percent_text(summary['best_val_acc'])}% (epoch {summary['best_val_epoch']}; "
+                f"test accuracy then {percent_text(summary['test_acc_at_best_val'])}%)")] if "best_val_acc" in summary else []),
             ("training throughput", f"{as_number(summary['mean_train_images_per_second']):,.0f} images/s (mean over epochs)"),
         ]
     rows.append(("wall time", duration_text(run.get("wall_seconds"))))
