@@ -63,20 +63,22 @@ def curves_figure(history: list[dict], lr_steps: Sequence[float] | None, steps_p
         ax.set(title=title, xlabel="epoch", ylabel=unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    finite = [row for row in history if math.isfinite(as_number(row.get("test_acc")))]
+    # The star marks the epoch a person would pick: on the validation split when there is one.
+    chosen = "val" if any("val_acc" in row for row in history) else "test"
+    finite = [row for row in history if math.isfinite(as_number(row.get(f"{chosen}_acc")))]
     if finite:
-        best = max(finite, key=lambda row: row["test_acc"])
-        acc_ax.scatter([best["epoch"]], [best["test_acc"]], marker="*", s=140, color="tab:red", zorder=3,
-                       label=f"best test {best['test_acc']:.2f}% (epoch {best['epoch']})")
+        best = max(finite, key=lambda row: row[f"{chosen}_acc"])
+        acc_ax.scatter([best["epoch"]], [best[f"{chosen}_acc"]], marker="*", s=140, color="tab:red", zorder=3,
+                       label=f"best {chosen} {best[f'{chosen}_acc']:.2f}% (epoch {best['epoch']})")
     if history:
         acc_ax.legend(loc="best")
         loss_ax.legend(loc="best")
     if lr_steps and steps_per_epoch:
         x = np.arange(1, len(lr_steps) + 1) / steps_per_epoch
-        lr_ax.plot(x, lr_steps, color="tab:green", linewidth=1.2)
+        lr_ax.plot(x, lr_steps, color="tab:purple", linewidth=1.2)
         lr_ax.set_title("learning rate (per step)")
     elif history:
-        lr_ax.plot(epochs, [as_number(row.get("lr")) for row in history], color="tab:green", **style)
+        lr_ax.plot(epochs, [as_number(row.get("lr")) for row in history], color="tab:purple", **style)
         lr_ax.set_title("learning rate (per epoch; no per-step record)")
     else:
         lr_ax.set_title("learning rate")
