@@ -267,7 +267,7 @@ class Checks:
         self.record(step, "ok", seconds=seconds, **details)
 
     def do_registry(self, step: Step) -> None:
-        """`microtrain plugins` works, and the plugin manager holds every entry point the installed wheel declares."""
+        """`microtrain plugins` works, and every entry point the installed wheel declares is found and imports."""
         declared = []
         for info in self.site.glob("microtrain-*.dist-info/entry_points.txt"):
             section = None
@@ -277,9 +277,11 @@ class Checks:
                     section = line.strip("[]")
                 elif section == "microtrain" and "=" in line:
                     declared.append(line.split("=", 1)[0].strip())
-        code = ("import json, microtrain.cli, microtrain.plugin_manager as m; status = microtrain.cli.main(['plugins']); "
-                "pm, registry = m.create_plugin_manager(); "
-                "print(json.dumps({'status': status, 'plugins': sorted(name for name, _ in pm.list_name_plugin())}))")
+        # `microtrain plugins` registers every installed entry point (one that fails to import fails it); the
+        # names are those the interpreter's own metadata finds, each loaded again here.
+        code = ("import importlib.metadata as md, json, microtrain.cli; status = microtrain.cli.main(['plugins']); "
+                "eps = md.entry_points(group='microtrain'); [ep.load() for ep in eps]; "
+                "print(json.dumps({'status': status, 'plugins': sorted(ep.name for ep in eps)}))")
         status, seconds, tail = self.run(step, [self.python, "-c", code])
         try:
             listed = json.loads(tail.splitlines()[-1])
