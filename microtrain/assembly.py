@@ -57,7 +57,7 @@ class Run:
     def evaluate(self, **options: Any) -> dict[str, Any]:
         """Test-split figures of the model the run evaluates (after ``before_eval``: e.g. the EMA weights)."""
         call_hook(self.plugin_manager, "before_eval", state=self.state)
-        return evaluate(self.state, self.state.eval_model or self.state.model, **options)
+        return evaluate(self.state, self.state.eval_model if self.state.eval_model is not None else self.state.model, **options)
 
 
 def prepare_recipe(recipe: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()

@@ -179,7 +179,7 @@ class Engine:
             train_metrics = self.train_epoch()
             state.metrics = {"epoch": epoch, **train_metrics}
             self.hook("before_eval")
-            model = state.eval_model or state.model
+            model = state.eval_model if state.eval_model is not None else state.model  # no bool(): compiled modules raise
             state.metrics.update(evaluate(state, model))
             if state.val_loader is not None:
                 state.metrics.update(evaluate(state, model, loader=state.val_loader, prefix="val"))

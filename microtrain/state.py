@@ -121,7 +121,7 @@ class State:
     def unwrapped_eval_model(self) -> torch.nn.Module:
         """The model evaluation uses, without DistributedDataParallel (a pass on one rank alone must not wait for
         the others) and without torch.compile (one pass is not worth compiling)."""
-        return _unwrap(self.eval_model or self.model)
+        return _unwrap(self.eval_model if self.eval_model is not None else self.model)  # bool() of a compiled module raises
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

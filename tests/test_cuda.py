@@ -97,6 +97,30 @@ def test_deferred_non_finite_check_names_the_step_and_keeps_the_last_good_checkp
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+class NoTruthValue(torch.nn.Module):
+    """Wraps a model the way torch.compile's OptimizedModule does for this test: asking for its truth value (its
+    len()) raises TypeError, as OptimizedModule does in torch 2.13 for a model without a length."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, images):
+        return self.inner(images)
+
+    def __len__(self):
+        raise TypeError("no len()")
+
+
+def test_a_model_without_a_truth_value_trains_evaluates_and_reports(tmp_path):
+    """compile=true sets state.model and state.eval_model to an OptimizedModule: nothing may call bool() on it."""
+    recipe = {**NAN_RECIPE, "epochs": 1, "plugins": ["metrics"]}
+    run = microtrain.build_run(recipe, run_dir=tmp_path, callbacks="all")
+    run.state.model = run.state.eval_model = NoTruthValue(run.state.model)
+    assert run.engine.fit().status == "completed"
+    assert run.state.unwrapped_eval_model is not None and "test_acc" in run.evaluate()
+
+
 class FakeCuda:
     """Records which device's generator torch.cuda was asked to read or set."""
 
