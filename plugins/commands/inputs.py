@@ -27,6 +27,7 @@ class Inputs:
     """The images to predict, in order: a name (path, or ``file.bin[i]``), a source, and a class index if known."""
 
     names: list[str] = field(default_factory=list)
+    shown_names: list[str] = field(default_factory=list)  # for a table: a batch file's images without its folder
     sources: list[Path | np.ndarray] = field(default_factory=list)  # an image file, or a uint8 (H, W, C) array
     labels: list[int | None] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # said once to the user: folders not scored and why
@@ -34,8 +35,9 @@ class Inputs:
     def __len__(self) -> int:
         return len(self.names)
 
-    def add(self, name: str, source: Path | np.ndarray, label: int | None) -> None:
+    def add(self, name: str, source: Path | np.ndarray, label: int | None, shown_name: str | None = None) -> None:
         self.names.append(name)
+        self.shown_names.append(shown_name or name)
         self.sources.append(source)
         self.labels.append(label)
 
@@ -87,7 +89,7 @@ def _add_cifar_batch(inputs: Inputs, path: Path, classes: Sequence[str]) -> None
     images, labels = cifar10.read_batches([path])
     index = {name: i for i, name in enumerate(classes)}
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        inputs.add(f"{path}[{i}]", image, index.get(cifar10.CLASSES[int(label)]))
+        inputs.add(f"{path}[{i}]", image, index.get(cifar10.CLASSES[int(label)]), f"{path.name}[{i}]")
 
 
 def read_image(path: Path):

@@ -90,8 +90,7 @@ def print_results(loaded: LoadedRun, inputs: input_files.Inputs, probabilities: 
     shown = min(rows, len(inputs))
     if shown:
         table = Table()
-        longest = max(len(name) for name in inputs.names[:shown])
-        table.add_column("image", overflow="fold", min_width=min(longest, console.width // 2))  # the other columns wrap first
+        table.add_column("image", overflow="fold")
         table.add_column("class")
         table.add_column("probability", justify="right")
         if top_k > 1:
@@ -100,7 +99,7 @@ def print_results(loaded: LoadedRun, inputs: input_files.Inputs, probabilities: 
             table.add_column("true class")
         for row in range(shown):
             best = int(top_i[row, 0])
-            cells = [escape(inputs.names[row]), classes[best], f"{float(top_p[row, 0]):.3f}"]
+            cells = [escape(inputs.shown_names[row]), classes[best], f"{float(top_p[row, 0]):.3f}"]
             if top_k > 1:
                 cells.append(", ".join(f"{classes[int(i)]} {float(p):.3f}" for p, i in zip(top_p[row, 1:], top_i[row, 1:],
                                                                                              strict=True)))
