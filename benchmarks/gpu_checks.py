@@ -44,10 +44,11 @@ BUDGET_SECONDS = 480
 SEED_RECIPE = "recipes/cifar10_dsconv.yaml"
 # The dry run's virtual environment: the GPU machine's software as the issue describes it, CPU torch.
 DRY_RUN_PACKAGES = ("torch==2.13.0", "pluggy", "pyyaml", "rich", "matplotlib", "opencv-python-headless")
-# The steps in order: (name, budget in seconds, needs CUDA). The budgets add up to BUDGET_SECONDS at most.
-STEPS = (("preflight", 15, False), ("install", 35, False), ("registry", 20, False), ("cuda_tests", 150, True),
-         ("loader_throughput", 40, False), ("epoch_throughput_fp32", 45, False), ("epoch_throughput_bf16", 45, False),
-         ("seed_run", 40, False), ("dali", 30, True), ("epoch_throughput_compile", 60, True))
+# The steps in order: (name, budget in seconds, needs CUDA). The budgets add up to BUDGET_SECONDS; the last step
+# (compile, whose time is the hardest to foresee) may also use what the steps before it left unspent.
+STEPS = (("preflight", 15, False), ("install", 35, False), ("registry", 20, False), ("cuda_tests", 170, True),
+         ("loader_throughput", 35, False), ("epoch_throughput_fp32", 40, False), ("epoch_throughput_bf16", 40, False),
+         ("seed_run", 45, False), ("dali", 30, True), ("epoch_throughput_compile", 50, True))
 CUDA_STEPS = tuple(name for name, _, cuda in STEPS if cuda)
 
 # What a step's subprocess learns of the machine, in the preflight's words.
@@ -296,7 +297,7 @@ class Checks:
 
     def pytest_step(self, step: Step, paths: list[str]) -> None:
         report = self.scratch / f"{step.name}.xml"
-        self.command_step(step, [self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs",
+        self.command_step(step, [self.python, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs",
                                       f"--junitxml={report}", *paths])
         if report.is_file():  # per-test outcomes into the summary (a file of its own would pass the 8-file limit)
             outcomes = {}
@@ -312,8 +313,9 @@ class Checks:
     def sizes(self) -> dict:
         """Problem sizes: each measuring step about half its budget on an H100-class card; tiny on a CPU."""
         if self.cuda:
-            return {"device": "cuda", "loader": ["--workers", "0,4", "--epochs", "2", "--warmup", "1", "--limit", "20000"],
-                    "epoch": ["--steps", "200", "--warmup", "20", "--repeats", "2"],
+            # albumentations with 0 workers (the seed recipe's) is CPU-bound at a few thousand images/s: it sets these
+            return {"device": "cuda", "loader": ["--workers", "0,4", "--epochs", "2", "--warmup", "1", "--limit", "10000"],
+                    "epoch": ["--steps", "100", "--warmup", "20", "--repeats", "2"],
                     "compile": ["--steps", "200", "--warmup", "30", "--repeats", "1"],
                     "seed": ["data.train_size=50000", "data.test_size=10000"]}
         # On a CPU only the plumbing is checked (the dry run), on a shared 2-core machine: the least work that runs
@@ -327,6 +329,7 @@ class Checks:
 
     def run_all(self) -> int:
         steps = [Step(name, budget, cuda) for name, budget, cuda in STEPS]
+        steps[-1].budget = BUDGET_SECONDS  # bounded by the time left: the whole call still ends within the budget
         self.summary["plan"] = {s.name: {"budget_seconds": s.budget, "cuda": s.cuda} for s in steps}
         for step in steps:
             self.summary["steps"][step.name] = {"status": "pending"}
