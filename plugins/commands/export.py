@@ -32,7 +32,7 @@ import torch
 import microtrain
 from microtrain import DataError, LoadedRun, MicrotrainError
 from microtrain_plugins.commands import inputs as input_files
-from microtrain_plugins.commands.predict import add_run_arguments
+from microtrain_plugins.commands.predict import add_run_arguments, evaluation_setup
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2"}
 RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torch.jit.load", "exported-program": "torch.export.load"}
@@ -203,13 +203,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def write_description(loaded: LoadedRun, fmt: str, out: Path, batch: int | None, figures: dict[str, Any],
                       source: str) -> dict[str, Any]:
     """``<out>.json``: what a user of the file in another runtime needs (classes, input, output) and the check."""
-    callbacks = {name: options for name, options in microtrain.plugin_entries(loaded.recipe.get("plugins") or [])
-                 if options is not None}
+    weights, flip = evaluation_setup(loaded)
     channels, height, width = loaded.image_shape
     description = {
         "format": fmt, "recipe": loaded.recipe["name"], "checkpoint": str(loaded.checkpoint_path), "epoch": loaded.epoch,
-        "weights": "EMA weights" if "ema" in callbacks and not loaded.raw else "trained weights",
-        "tta": bool(callbacks.get("tta", {}).get("flip")),
+        "weights": weights, "tta": flip,
         "classes": loaded.classes,
         "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "shape": [batch or "batch", channels, height, width],
                   "pixels": "0-255" + (", RGB" if channels == 3 else ""),

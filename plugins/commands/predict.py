@@ -28,12 +28,19 @@ from microtrain_plugins.commands import inputs as input_files
 DEFAULT_ROWS = 20
 
 
-def describe(loaded: LoadedRun) -> str:
-    """One line: which run, which checkpoint, which weights, and what the run logged for them."""
+def evaluation_setup(loaded: LoadedRun) -> tuple[str, bool]:
+    """Which weights the loaded model has and whether the flip TTA applies, read from the recipe's callbacks."""
     callbacks = {name: options for name, options in microtrain.plugin_entries(loaded.recipe.get("plugins") or [])
                  if options is not None}
-    weights = "EMA weights" if "ema" in callbacks and not loaded.raw else "trained weights" + (" (--raw)" if loaded.raw else "")
-    tta = ", flip TTA" if callbacks.get("tta", {}).get("flip") else ""
+    weights = "EMA weights" if "ema" in callbacks and not loaded.raw else "trained weights"
+    return weights, bool(callbacks.get("tta", {}).get("flip"))
+
+
+def describe(loaded: LoadedRun) -> str:
+    """One line: which run, which checkpoint, which weights, and what the run logged for them."""
+    weights, flip = evaluation_setup(loaded)
+    weights += " (--raw)" if loaded.raw else ""
+    tta = ", flip TTA" if flip else ""
     logged = loaded.logged_metrics or {}
     figure = f", logged test_acc {logged['test_acc']:.2f}%" if isinstance(logged.get("test_acc"), (int, float)) else ""
     return f"{loaded.recipe['name']}: {loaded.checkpoint_path} (epoch {loaded.epoch}{figure}), {weights}{tta}"
