@@ -12,6 +12,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The small finished runs several test modules predict from and export: declared once here, so each is
+# trained once per session (a fixture imported into several modules would be trained once per module).
+pytest_plugins = ["trained_runs"]
+
 
 def real_cifar_root() -> Path | None:
     """The CIFAR-10 copy beside the repo (../shared/data) or $MICROTRAIN_DATA, if present."""

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the session fixtures imported from trained_runs (shared with test_load_run, test_predict) look redefined
 """``microtrain export``: each format round-trips (written, loaded back in its own runtime by the command and again
 here, and equal to microtrain.load_run's predictions: normalisation, EMA weights and flip TTA folded in), a fixed
 batch, the check that deletes a file that disagrees, and bad input as one line."""
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_predict import assert_one_line_error
-from trained_runs import imagefolder_run, microtrain_main, synthetic_run  # noqa: F401
+from trained_runs import microtrain_main
 
 import microtrain
 

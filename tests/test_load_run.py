@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the session fixtures imported from trained_runs (shared with test_predict, test_export) look redefined
 """microtrain.load_run: the evaluation model, classes and preprocessing of a finished run, without its dataset.
 
 The must-hold: the test split predicted from a checkpoint scores exactly the test accuracy the run logged for
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trained_runs import cifar_run, copy_with_another_model, imagefolder_run, logged_test_acc, synthetic_run  # noqa: F401
+from trained_runs import copy_with_another_model, logged_test_acc
 
 import microtrain
 from microtrain import CheckpointError, DataError, MicrotrainError

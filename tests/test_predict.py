@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the session fixtures imported from trained_runs (shared with test_load_run, test_export) look redefined
 """``microtrain predict`` (once as the console script, otherwise its main() in this process): the test split of
 a finished run scores the run's logged test accuracy exactly (an image folder of mixed gray / RGBA / palette
 files of another size, and a CIFAR-10 binary batch); JSON lines; unlabelled inputs; and every bad input is one
@@ -11,15 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from trained_runs import (  # noqa: F401
-    cifar_run,
+from trained_runs import (
     copy_with_another_model,
-    imagefolder_run,
     logged_test_acc,
     microtrain_cli,
     microtrain_main,
-    synthetic_run,
-)
+    )
 
 from microtrain_plugins.data import cifar10
 

@@ -15,13 +15,20 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # a fixed seed: the same runs give the same bootstrap interval every time
 
 Alternative = Literal["two-sided", "less", "greater"]
+
+def _scipy_stats():
+    """scipy.stats, imported when a comparison is analysed: every microtrain command loads this plugin, and a
+    machine without scipy (the GPU machines) must still run the others."""
+    from scipy import stats
+
+    return stats
+
 
 T_INTERVAL_METHOD = "paired t interval: mean difference ± t(0.975, n-1) · sd / √n (scipy.stats.t quantile)"
 BOOTSTRAP_METHOD = (f"percentile bootstrap of the mean paired difference: {BOOTSTRAP_RESAMPLES:,} resamples of the seeds "
@@ -49,7 +56,7 @@ def t_bounds(differences: np.ndarray, confidence: float = CONFIDENCE) -> tuple[n
     if n < 2:
         raise ValueError("a t interval needs at least 2 values")
     mean = differences.mean(axis=-1)
-    half = scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * differences.std(axis=-1, ddof=1) / math.sqrt(n)
+    half = _scipy_stats().t.ppf(0.5 + confidence / 2, n - 1) * differences.std(axis=-1, ddof=1) / math.sqrt(n)
     return mean - half, mean + half
 
 
@@ -60,7 +67,7 @@ def t_interval(differences: Sequence[float], confidence: float = CONFIDENCE) -> 
     low, high = t_bounds(array, confidence)
     mean, sd = mean_sd(array)
     return {"mean": mean, "sd": sd, "se": sd / math.sqrt(n), "df": n - 1,
-            "t_quantile": float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)),
+            "t_quantile": float(_scipy_stats().t.ppf(0.5 + confidence / 2, n - 1)),
             "low": float(low), "high": float(high), "confidence": confidence}
 
 
@@ -68,7 +75,7 @@ def one_sided_bound(differences: Sequence[float], side: Literal["upper", "lower"
     """The one-sided bound: the mean difference is below (upper) or above (lower) it with this confidence."""
     array = as_array(differences)
     mean, sd = mean_sd(array)
-    half = scipy_stats.t.ppf(confidence, array.size - 1) * sd / math.sqrt(array.size)
+    half = _scipy_stats().t.ppf(confidence, array.size - 1) * sd / math.sqrt(array.size)
     return mean + half if side == "upper" else mean - half
 
 
@@ -87,11 +94,11 @@ def paired_t_test(differences: Sequence[float], alternative: Alternative = "two-
     else:
         t = mean / (sd / math.sqrt(array.size))
     if alternative == "two-sided":
-        p = 2 * scipy_stats.t.sf(abs(t), df)
+        p = 2 * _scipy_stats().t.sf(abs(t), df)
     elif alternative == "less":
-        p = scipy_stats.t.cdf(t, df)
+        p = _scipy_stats().t.cdf(t, df)
     else:
-        p = scipy_stats.t.sf(t, df)
+        p = _scipy_stats().t.sf(t, df)
     return {"t": float(t), "df": df, "p": float(min(p, 1.0)), "alternative": alternative}
 
 
@@ -117,7 +124,7 @@ def welch_interval(a: Sequence[float], b: Sequence[float], confidence: float = C
     if se == 0:
         return {"mean": mean, "se": 0.0, "df": math.nan, "low": mean, "high": mean, "confidence": confidence}
     df = (va + vb) ** 2 / (va**2 / (a_array.size - 1) + vb**2 / (b_array.size - 1))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df)) * se
+    half = float(_scipy_stats().t.ppf(0.5 + confidence / 2, df)) * se
     return {"mean": mean, "se": se, "df": float(df), "low": mean - half, "high": mean + half, "confidence": confidence}
 
 
