@@ -469,6 +469,7 @@ def hashes_by_batch(run_dir: Path) -> dict[tuple[int, int], str]:
     return {(epoch, batch): digest for epoch, batch, digest in batch_hashes(run_dir)}
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_stopped_continued_and_reused(tmp_path):
     """Two tiny recipes differing only in the optimizer, 2 seeds: Ctrl-C during the first run, the same command
     again (the stopped run resumes, the rest train), then once more (everything is reused)."""

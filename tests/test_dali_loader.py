@@ -264,6 +264,7 @@ def test_dali_recipe_is_the_seed_recipe_with_another_loader():
                                                                            if k not in ("name", "loader")}
 
 
+@pytest.mark.slow
 @needs_dali
 def test_short_cpu_training_run_learns(tmp_path):
     """3 epochs on 2,000 real CIFAR-10 training images, judged on 500 test images (chance is 10%)."""

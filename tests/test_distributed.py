@@ -281,6 +281,7 @@ def test_failing_rank_stops_the_run_and_resume_completes(probe):
     print(f"failing run stopped after {seconds:.1f}s")
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_hanging_rank_times_out_with_a_clear_message(probe):
     run = probe / "run"

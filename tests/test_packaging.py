@@ -247,7 +247,7 @@ def test_console_script_beside_a_users_plugins_package(installed, hostile_folder
     _assert_lists_builtins(_check(result, "microtrain plugins (console script)"))
 
 
-@pytest.mark.parametrize("launcher", ["python -m", "console script"])
+@pytest.mark.parametrize("launcher", ["python -m", pytest.param("console script", marks=pytest.mark.slow)])
 def test_run_with_recipe_plugins_beside_a_users_plugins_package(installed, user_project, launcher):
     if launcher == "console script":
         if installed["script"] is None:

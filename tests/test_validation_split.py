@@ -102,3 +102,18 @@ def test_a_validation_monitor_without_a_split_is_refused(tmp_path: Path) -> None
                                       "plugins": ["metrics", {"checkpoint": {"monitor": "val_acc"}}]}))
     with pytest.raises(RecipeError, match="needs a validation split"):
         run(recipe, [], run_dir=tmp_path / "refused")
+
+
+def test_an_image_folder_dataset_holds_out_the_same_share_of_every_class(tmp_path: Path) -> None:
+    """The split is made on the labels any dataset gives, before any loader: an image folder of 3 classes too."""
+    from trained_runs import write_image_folder
+
+    write_image_folder(tmp_path / "images", classes=3, train_per_class=20, test_per_class=4)
+    recipe = {**RECIPE, "val_fraction": 0.2,
+              "data": {"name": "imagefolder", "root": str(tmp_path / "images"), "image_size": 32}}
+    state = microtrain.build_run(recipe, callbacks="none", run_dir="unused").state
+    held_labels = state.val_loader.context.labels
+    assert sorted(np.bincount(held_labels).tolist()) == [4, 4, 4]
+    assert np.bincount(state.train_loader.context.labels).tolist() == [16, 16, 16]
+    again = microtrain.build_run(recipe, callbacks="none", run_dir="unused").state
+    assert np.array_equal(again.val_loader.context.images, state.val_loader.context.images)
