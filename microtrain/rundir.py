@@ -148,15 +148,16 @@ class RunDirLock:
         self.fd = -1
 
 
-def _flock(fd: int) -> bool | None:
-    """True: locked; False: another process holds it; None: this file system has no flock (NFS without locking)."""
+def _flock(fd: int, shared: bool = False) -> bool | None:
+    """True: locked; False: another process holds it; None: this file system has no flock (NFS without locking).
+    ``shared`` only probes: a shared lock is refused while a writer holds the exclusive one."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
     except OSError as exc:
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
             return None
         raise
 
@@ -180,7 +181,7 @@ def live_holder(run_dir: Path) -> Holder | None:
     try:
         holder = _read_holder(fd)
         try:
-            locked = _flock_shared(fd)
+            locked = _flock(fd, shared=True)
         except OSError:
             locked = None
         if locked is False:
@@ -190,18 +191,6 @@ def live_holder(run_dir: Path) -> Holder | None:
         return None
     finally:
         os.close(fd)  # drops the probe's flock
-
-
-def _flock_shared(fd: int) -> bool | None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
-            return None
-        raise
 
 
 def dead_holder(run_dir: Path) -> Holder | None:
