@@ -18,6 +18,11 @@ defaults). Everything the loaders must agree on lives here, so they cannot drift
   the per-channel fill, and the random parameters of a batch (:func:`draw_batch`), drawn in one
   order whether the generator is torch's or NumPy's.
 
+Two names are microtrain's own, not albumentations': ``TrivialAugment`` and ``RandAugment``
+(plugins/loaders/policy_augment.py owns them: op set, arguments, draws, batched ops). This module
+only routes them there: validated by that module instead of albumentations, read back as a
+PolicySpec for a loader that declares ``native=True`` (tensor), refused by every other loader.
+
 The loader contract: a transform keeps the image's size, channels and uint8 pixels. Only the
 training split is augmented and every loader normalises with the dataset's mean and std itself,
 so a size change would train and test at different resolutions and a second normalisation would
@@ -36,6 +41,8 @@ import numpy as np
 import torch
 
 from microtrain import RecipeError, did_you_mean
+from microtrain_plugins.loaders import policy_augment
+from microtrain_plugins.loaders.policy_augment import PolicyDraw, PolicySpec
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
 
@@ -80,13 +87,27 @@ def parse_augment_list(entries: list[Any], where: str = "loader.augment") -> lis
 
 def build_transforms(entries: list[Any], where: str = "loader.augment"):
     """Recipe list -> albumentations Compose. An unknown transform or argument is an error, and a
-    one-value ``fill`` list is passed as a number: albumentations would fill the other channels with 0."""
+    one-value ``fill`` list is passed as a number: albumentations would fill the other channels with 0.
+    microtrain's own transforms (TrivialAugment, RandAugment) are not albumentations': refused."""
+    import albumentations as A
+
+    parsed = parse_augment_list(entries, where)
+    for i, (name, _args) in enumerate(parsed):
+        if policy_augment.is_policy(name):
+            raise policy_augment.refused_by("albumentations", name, f"{where}[{i}]")
+    return A.Compose(list(_albumentations_transforms(parsed, where).values()))
+
+
+def _albumentations_transforms(parsed: list[tuple[str, dict[str, Any]]], where: str) -> dict[int, Any]:
+    """{entry index: albumentations object} for every entry that is not one of microtrain's own transforms."""
     import inspect
 
     import albumentations as A
 
-    transforms = []
-    for i, (name, args) in enumerate(parse_augment_list(entries, where)):
+    transforms = {}
+    for i, (name, args) in enumerate(parsed):
+        if policy_augment.is_policy(name):
+            continue
         cls = getattr(A, name, None)
         if not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
             known = [n for n in dir(A) if inspect.isclass(getattr(A, n)) and issubclass(getattr(A, n), A.BasicTransform)]
@@ -107,25 +128,32 @@ def build_transforms(entries: list[Any], where: str = "loader.augment"):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 warnings.filterwarnings("ignore", message=".*special case of Affine.*")  # ShiftScaleRotate works as Affine
-                transforms.append(cls(**args))
+                transforms[i] = cls(**args)
         except Exception as exc:  # pydantic ValidationError, UserWarning turned error, TypeError
             first = str(exc).strip().splitlines()
             detail = " ".join(line.strip() for line in first[:3])
             raise RecipeError(f"{where}[{i}]: invalid arguments for {name}: {detail[:300]}") from None
-    return A.Compose(transforms)
+    return transforms
 
 
-def check_augment_list(entries: list[Any], where: str = "loader.augment") -> list[Any]:
+def check_augment_list(entries: list[Any], where: str = "loader.augment", *, loader: str = "albumentations",
+                       native: bool = False) -> list[Any]:
     """The ``Check`` of every loader's ``augment`` option: valid albumentations transforms with fill
-    values that are pixel levels, each keeping the loader contract. Returns ``entries`` unchanged, so
-    the saved recipe says what the user wrote."""
+    values that are pixel levels, each keeping the loader contract. microtrain's own transforms are
+    validated by policy_augment where the loader runs them (``native``) and refused elsewhere.
+    Returns ``entries`` unchanged, so the saved recipe says what the user wrote."""
     parsed = parse_augment_list(entries, where)
     if not parsed:  # nothing to check: a machine without albumentations can still run the canonical loaders
         return entries
     for i, (name, args) in enumerate(parsed):
-        _check_fill_levels(name, args.get("fill"), f"{where}[{i}]")
-    pipeline = build_transforms(entries, where)
-    for i, ((name, args), transform) in enumerate(zip(parsed, pipeline.transforms, strict=True)):
+        if policy_augment.is_policy(name):
+            if not native:
+                raise policy_augment.refused_by(loader, name, f"{where}[{i}]")
+            policy_augment.parse_policy(name, args, f"{where}[{i}]")
+        else:
+            _check_fill_levels(name, args.get("fill"), f"{where}[{i}]")
+    for i, transform in _albumentations_transforms(parsed, where).items():
+        name, args = parsed[i]
         fill = args.get("fill")
         # RGB probes, unless a fill gives one value per channel of some other count (checked when the data is known)
         channels = len(fill) if isinstance(fill, (list, tuple)) and len(fill) > 1 else 3
@@ -133,32 +161,42 @@ def check_augment_list(entries: list[Any], where: str = "loader.augment") -> lis
     return entries
 
 
-def canonical_check(loader: str) -> Callable[[list[Any], str], list[Any]]:
-    """The ``Check`` of the ``augment`` option of a loader that implements the canonical transforms itself."""
+def canonical_check(loader: str, *, native: bool = False) -> Callable[[list[Any], str], list[Any]]:
+    """The ``Check`` of the ``augment`` option of a loader that implements the canonical transforms itself
+    (and, with ``native``, microtrain's own TrivialAugment and RandAugment)."""
 
     def check(entries: list[Any], where: str) -> list[Any]:
-        check_augment_list(entries, where)
-        canonical_transforms(entries, loader, where)
+        check_augment_list(entries, where, loader=loader, native=native)
+        canonical_transforms(entries, loader, where, native=native)
         return entries
 
     return check
 
 
-def check_against_images(entries: list[Any], shape: tuple[int, int, int], where: str = "loader.augment") -> None:
+def check_against_images(entries: list[Any], shape: tuple[int, int, int], where: str = "loader.augment", *,
+                         loader: str = "albumentations", native: bool = False) -> None:
     """The rules that need the images, run when a loader is built: fill lists of one value or one per
     channel, ToGray on 3 channels (1-channel images are already gray: left as they are, as albumentations
-    does), CoarseDropout's smallest pixel hole inside the image, and the contract at this exact shape
-    (a Transpose keeps square images square, not others). ``shape`` is (height, width, channels)."""
+    does), CoarseDropout's smallest pixel hole inside the image, microtrain's own transforms on 1 or 3
+    channels, and the contract at this exact shape (a Transpose keeps square images square, not others).
+    ``shape`` is (height, width, channels)."""
     import albumentations as A
 
     height, width, channels = shape
     parsed = parse_augment_list(entries, where)
-    pipeline = build_transforms(entries, where)
-    for i, ((name, args), transform) in enumerate(zip(parsed, pipeline.transforms, strict=True)):
+    transforms = _albumentations_transforms(parsed, where)
+    for i, (name, args) in enumerate(parsed):
         here = f"{where}[{i}]"
         fill = args.get("fill")
+        if policy_augment.is_policy(name):
+            if not native:
+                raise policy_augment.refused_by(loader, name, here)
+            policy_augment.check_channels(name, channels, here)
         if isinstance(fill, (int, float, list, tuple)):
             fill_per_channel(fill, channels, f"{here}: {name}.fill")
+        if policy_augment.is_policy(name):
+            continue
+        transform = transforms[i]
         if isinstance(transform, A.ToGray) and channels not in (1, 3):
             raise RecipeError(f"{here}: ToGray needs 3-channel (RGB) images (1-channel ones are left as they are); "
                               f"these have {channels} channels; drop it")
@@ -276,7 +314,7 @@ class GraySpec:
     p: float
 
 
-Spec = FlipSpec | AffineSpec | DropoutSpec | GraySpec
+Spec = FlipSpec | AffineSpec | DropoutSpec | GraySpec | PolicySpec  # PolicySpec: policy_augment's
 
 
 def unsupported(loader: str, name: str, supported: list[str], where: str) -> RecipeError:
@@ -299,22 +337,33 @@ def _defaults_only(transform, names: dict[str, object], loader: str, where: str)
             )
 
 
-def canonical_transforms(entries: list[Any], loader: str, where: str = "loader.augment") -> list[Spec]:
+def canonical_transforms(entries: list[Any], loader: str, where: str = "loader.augment", *,
+                         native: bool = False) -> list[Spec]:
     """Validate ``entries`` with albumentations, then return the loader-neutral specs, one per entry.
 
     A transform or argument value the canonical form cannot express is an error naming the
-    transform and the loader, never silently dropped."""
+    transform and the loader, never silently dropped. microtrain's own transforms become
+    policy_augment's PolicySpec where the loader runs them (``native``) and are refused elsewhere."""
     parsed = parse_augment_list(entries, where)
     if not parsed:
         return []
     import albumentations as A
 
+    supported = CANONICAL + (list(policy_augment.NAMES) if native else [])
     for i, (name, _args) in enumerate(parsed):
-        if name not in CANONICAL:
-            raise unsupported(loader, name, CANONICAL, f"{where}[{i}]")
+        if policy_augment.is_policy(name):
+            if not native:
+                raise policy_augment.refused_by(loader, name, f"{where}[{i}]")
+        elif name not in CANONICAL:
+            raise unsupported(loader, name, supported, f"{where}[{i}]")
+    transforms = _albumentations_transforms(parsed, where)
     specs: list[Spec] = []
-    for i, ((name, _args), transform) in enumerate(zip(parsed, build_transforms(entries, where).transforms, strict=True)):
+    for i, (name, args) in enumerate(parsed):
         here = f"{where}[{i}]"
+        if policy_augment.is_policy(name):
+            specs.append(policy_augment.parse_policy(name, args, here))
+            continue
+        transform = transforms[i]
         p = float(transform.p)
         if isinstance(transform, A.HorizontalFlip):
             specs.append(FlipSpec(p))
@@ -347,16 +396,19 @@ def canonical_transforms(entries: list[Any], loader: str, where: str = "loader.a
     return specs
 
 
-def canonical_specs(entries: list[Any], loader: str, shape: tuple[int, int, int]) -> list[Spec]:
+def canonical_specs(entries: list[Any], loader: str, shape: tuple[int, int, int], *, native: bool = False) -> list[Spec]:
     """The specs a canonical loader applies to images of ``shape`` (height, width, channels), after the
     rules that need the images."""
-    check_against_images(entries, shape)
-    return canonical_transforms(entries, loader)
+    check_against_images(entries, shape, loader=loader, native=native)
+    return canonical_transforms(entries, loader, native=native)
 
 
-def spec_fill(spec: AffineSpec | DropoutSpec, channels: int, index: int) -> tuple[float, ...]:
+def spec_fill(spec: AffineSpec | DropoutSpec | PolicySpec, channels: int, index: int) -> tuple[float, ...]:
     """The fill of entry ``index`` per channel, as given (a loader working between integer levels uses it so)."""
-    name = "Affine" if isinstance(spec, AffineSpec) else "CoarseDropout"
+    if isinstance(spec, PolicySpec):
+        name = spec.name
+    else:
+        name = "Affine" if isinstance(spec, AffineSpec) else "CoarseDropout"
     return fill_per_channel(spec.fill, channels, f"loader.augment[{index}]: {name}.fill")
 
 
@@ -469,7 +521,7 @@ class Draw:
     """One spec's draws for a batch: ``apply`` (B,) bool, and its parameters (None for flip and gray)."""
 
     apply: Any
-    params: AffineDraw | HoleDraw | None = None
+    params: AffineDraw | HoleDraw | PolicyDraw | None = None
 
 
 def draw_batch(specs: list[Spec], size: int, height: int, width: int, source: RandomSource) -> list[Draw]:
@@ -486,6 +538,8 @@ def draw_batch(specs: list[Spec], size: int, height: int, width: int, source: Ra
             )))
         elif isinstance(spec, DropoutSpec):
             draws.append(Draw(apply, _draw_holes(spec, size, height, width, source)))
+        elif isinstance(spec, PolicySpec):
+            draws.append(Draw(apply, policy_augment.draw_policy(spec, size, source)))
         else:
             draws.append(Draw(apply))
     return draws

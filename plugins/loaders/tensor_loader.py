@@ -10,9 +10,10 @@ the DataLoader's inter-process copies.
 The recipe's ``augment`` list is the same as for the other loaders: microtrain_plugins.loaders.augment_spec
 validates it, reads it back as loader-neutral specs and draws every batch's random parameters (the
 same draws as the dali loader's, from a torch generator here), so an argument means the same thing
-here. Sample order comes from microtrain.epoch_batches and the generator is seeded with
-microtrain.batch_seed(seed, epoch, batch, rank): results depend only on (seed, epoch,
-batch), so resuming mid-epoch reproduces the same batches.
+here. This loader also runs microtrain's own TrivialAugment and RandAugment (policy_augment), with a
+random op and magnitude per sample drawn from the same batch generator. Sample order comes from
+microtrain.epoch_batches and the generator is seeded with microtrain.batch_seed(seed, epoch, batch,
+rank): results depend only on (seed, epoch, batch), so resuming mid-epoch reproduces the same batches.
 
 Augmentation works in float32 on the 0-255 scale and is not rounded back to integers in between
 (albumentations rounds to uint8 after every transform, and a fractional fill to a whole level), so
@@ -44,8 +45,10 @@ from microtrain_plugins.loaders.augment_spec import (
     draw_batch,
     spec_fill,
 )
+from microtrain_plugins.loaders.policy_augment import POLICY_CONTRACT, PolicyOps, PolicySpec
 
 LUMA = (0.299, 0.587, 0.114)
+AUGMENT_CONTRACT = f"{CANONICAL_CONTRACT}; {POLICY_CONTRACT}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,15 +92,16 @@ def sampling_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.stack([gx, gy], dim=-1)
 
 
-def affine(images: torch.Tensor, apply: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """Warp the samples where ``apply`` is set with bilinear sampling; uncovered pixels get ``fill``.
+def affine(images: torch.Tensor, apply: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor,
+           mode: str = "bilinear") -> torch.Tensor:
+    """Warp the samples where ``apply`` is set with bilinear (or nearest) sampling; uncovered pixels get ``fill``.
 
     Sampling ``images - fill`` with zero padding and adding ``fill`` back blends border pixels with
     the fill colour exactly as OpenCV's BORDER_CONSTANT does, without a second validity pass."""
     _, c, h, w = images.shape
     grid = sampling_grid(theta.to(images.dtype), h, w)
     fill = fill.view(1, c, 1, 1)
-    warped = F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    warped = F.grid_sample(images - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
     return torch.where(apply.view(-1, 1, 1, 1), warped, images)
 
 
@@ -135,6 +139,8 @@ class BatchAugment:
         self.device = device
         self.fills = {i: torch.tensor(spec_fill(spec, channels, i), dtype=torch.float32, device=device)
                       for i, spec in enumerate(specs) if isinstance(spec, (AffineSpec, DropoutSpec))}
+        self.policies = {i: PolicyOps(spec, channels, height, width, device, spec_fill(spec, channels, i))
+                         for i, spec in enumerate(specs) if isinstance(spec, PolicySpec)}
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         h, w = self.height, self.width
@@ -154,6 +160,8 @@ class BatchAugment:
                 images = dropout(images, draw.apply, mask, self.fills[i])
             elif isinstance(spec, GraySpec):
                 images = gray(images, draw.apply)
+            elif isinstance(spec, PolicySpec):  # TrivialAugment, RandAugment: geometric ops warped by affine()
+                images = self.policies[i](images, draw.apply, draw.params, warp=affine)
         return images
 
 
@@ -171,7 +179,7 @@ class TensorLoader(EpochBatches):
         # NHWC storage: a gathered batch permuted to NCHW is already channels_last in memory.
         self.images = torch.as_tensor(np.ascontiguousarray(context.images)).to(device)
         self.labels = torch.as_tensor(np.asarray(context.labels, dtype=np.int64)).to(device)
-        specs = canonical_specs(augment, "tensor", (h, w, channels)) if augment and self.train else []
+        specs = canonical_specs(augment, "tensor", (h, w, channels), native=True) if augment and self.train else []
         self.augment = BatchAugment(specs, channels, h, w, device) if specs else None
         self.mean = torch.tensor(context.mean, device=device).view(1, channels, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(context.std, device=device).view(1, channels, 1, 1) * 255.0)
@@ -198,7 +206,7 @@ class TensorLoader(EpochBatches):
 
 def build_tensor_loader(context: LoaderContext, *, batch_size: Annotated[int, Range(ge=1)] = 128,
                         eval_batch_size: Annotated[int, Range(ge=1)] = 500,
-                        augment: Annotated[list, Check(canonical_check("tensor"), CANONICAL_CONTRACT)] = [],  # noqa: B006
+                        augment: Annotated[list, Check(canonical_check("tensor", native=True), AUGMENT_CONTRACT)] = [],  # noqa: B006
                         drop_last: bool = False) -> TensorLoader:
     """Whole dataset as one uint8 tensor on the device; batched torch-op augmentation, no workers."""
     return TensorLoader(context, batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment,
