@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from scipy import stats as scipy_stats
@@ -183,9 +184,25 @@ def test_bad_metric_names_say_what_works(text, expected):
 
 
 def test_a_column_runs_do_not_log_is_refused_before_training():
-    with pytest.raises(MicrotrainError, match="use best_test_acc"):
-        check_logged(parse_metric("best_val_acc"))
-    check_logged(parse_metric("last5_test_acc"))
+    held_out, plain = {"val_fraction": 0.1}, {"val_fraction": 0.0}
+    with pytest.raises(MicrotrainError, match=r"B \(b\) holds out no validation split .* add val_fraction=0.1") as error:
+        check_logged(parse_metric("best_val_acc"), {"A (a)": held_out, "B (b)": plain})
+    assert "\n" not in str(error.value)
+    with pytest.raises(MicrotrainError, match="runs do not log 'val_top5'"):
+        check_logged(parse_metric("best_val_top5"), {"A (a)": held_out})
+    check_logged(parse_metric("best_val_acc"), {"A (a)": held_out, "B (b)": held_out})
+    check_logged(parse_metric("last5_val_loss"), {"A (a)": held_out, "B (b)": held_out})
+    check_logged(parse_metric("last5_test_acc"), {"A (a)": plain, "B (b)": held_out})
+
+
+def test_a_validation_metric_compares_the_validation_split_per_class_too():
+    rows = [{"epoch": 1, "test_acc": 50.0, "val_acc": 40.0, "per_class_acc": {"cat": 50.0, "dog": 50.0},
+             "val_per_class_acc": {"cat": 30.0, "dog": 50.0}},
+            {"epoch": 2, "test_acc": 60.0, "val_acc": 45.0, "per_class_acc": {"cat": 60.0, "dog": 60.0},
+             "val_per_class_acc": {"cat": 40.0, "dog": 50.0}}]
+    assert metric_value(parse_metric("best_val_acc"), rows) == 45.0
+    assert per_class(parse_metric("best_val_acc"), rows) == {"cat": 40.0, "dog": 50.0}
+    assert per_class(parse_metric("best_test_acc"), rows) == {"cat": 60.0, "dog": 60.0}
 
 
 # --- run dirs as files (no training) ------------------------------------------------------------------------------
@@ -260,6 +277,38 @@ def test_data_and_classes_must_match_where_the_data_lives_may_differ():
         check_same_data({"name": "f"}, {"name": "f"}, ["cat", "dog"], ["cat", "cow"])
     assert loader_notes({"name": "tensor", "workers": 0}, {"name": "tensor", "workers": 2}) == []
     assert "loader.batch_size" in loader_notes({"name": "tensor", "batch_size": 64}, {"name": "tensor", "batch_size": 128})[0]
+
+
+def test_an_appended_transform_is_noted_as_keeping_the_shared_draws():
+    flip, cutout = {"HorizontalFlip": {"p": 0.5}}, {"CoarseDropout": {"p": 0.5}}
+    note, = loader_notes({"name": "tensor", "augment": [flip]}, {"name": "tensor", "augment": [flip, cutout, "ToGray"]})
+    assert note.startswith("B's loader.augment appends CoarseDropout, ToGray") and "same draws of the shared" in note
+    assert loader_notes({"name": "dali", "augment": [flip, cutout]}, {"name": "dali", "augment": [flip]})[0].startswith("A's")
+    for a, b in (({"name": "tensor", "augment": [cutout, flip]}, {"name": "tensor", "augment": [flip]}),  # not a prefix
+                 ({"name": "albumentations", "augment": [flip]}, {"name": "albumentations", "augment": [flip, cutout]})):
+        assert "no longer gives both the same batches" in loader_notes(a, b)[0]
+
+
+def test_an_appended_transform_leaves_the_shared_draws_alone():
+    """What the note above claims, pixel by pixel: B = A's list + a 3x3 cutout trains on A's batches, with A's flips and
+    translations; each image differs from A's in at most the 3x3 hole."""
+    def batches(augment: list) -> list[tuple]:
+        recipe = {**TINY, "loader": {**TINY["loader"], "augment": augment}, "plugins": []}
+        run = microtrain.build_run(recipe, callbacks="none")
+        loader = run.state.train_loader
+        loader.set_epoch(2)
+        return [(images.clone(), labels.clone()) for images, labels in loader]
+
+    shared = TINY["loader"]["augment"]
+    hole = {"CoarseDropout": {"num_holes_range": [1, 1], "hole_height_range": [3, 3], "hole_width_range": [3, 3],
+                              "fill": 0, "p": 1.0}}
+    a, b = batches(shared), batches([*shared, hole])
+    assert len(a) == len(b) == 8
+    changed_pixels = []
+    for (images_a, labels_a), (images_b, labels_b) in zip(a, b, strict=True):
+        assert torch.equal(labels_a, labels_b)
+        changed_pixels += (images_a != images_b).any(dim=1).flatten(1).sum(1).tolist()
+    assert max(changed_pixels) <= 9 and sum(changed_pixels) > 0
 
 
 def test_analysis_of_fixed_runs(tmp_path):
@@ -355,7 +404,9 @@ def test_bad_input_is_one_line_and_nothing_runs(tmp_path, capsys, recipes):
     refused(capsys, ["compare", a, b, "seed=3", *common], "compare sets each run's seed itself")
     refused(capsys, ["compare", a, *common], "give two recipes")
     refused(capsys, ["compare", a, str(tmp_path / "missing.yaml"), *common], "not found")
-    refused(capsys, ["compare", a, b, "--metric", "best_val_acc", *common], "use best_test_acc")
+    refused(capsys, ["compare", a, b, "--metric", "best_val_acc", *common], "holds out no validation split")
+    assert main(["compare", a, b, "--metric", "best_val_acc", "val_fraction=0.1", "--dry-run", *common]) == 0
+    capsys.readouterr()
     refused(capsys, ["compare", a, b, "--metric", "fastest", *common], "is not a metric")
     refused(capsys, ["compare", a, b, "optimizer.lr=-1", *common], "optimizer.lr")
     refused(capsys, ["compare", a, b, "--budget", "1s", *common], "add --yes to run it anyway")

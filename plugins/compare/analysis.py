@@ -187,6 +187,7 @@ def analyse(metric: Metric, runs_a: Sequence[RunFigures], runs_b: Sequence[RunFi
                              f"(A on {result['reached']['a']}, B on {result['reached']['b']} of {len(per_seed)}); "
                              "train longer or lower the target.")
     result["per_class"] = per_class_differences(pairs)
+    result["per_class_split"] = "validation" if metric.column.startswith("val_") else "test"
     if result["per_class"]:
         result["notes"].append(PER_CLASS_NOTE)
     result["cost"] = cost_differences(pairs)
@@ -195,7 +196,7 @@ def analyse(metric: Metric, runs_a: Sequence[RunFigures], runs_b: Sequence[RunFi
 
 
 def per_class_differences(pairs: list[tuple[RunFigures, RunFigures]]) -> list[dict[str, Any]]:
-    """Per class: mean test accuracy of each side and the paired difference with its t interval."""
+    """Per class: mean accuracy (on the metric's split) of each side and the paired difference with its t interval."""
     classes = list(pairs[0][0].per_class)
     rows = []
     for name in classes:

@@ -128,10 +128,10 @@ def compare_recipes(args, recipes: list[str], overrides: list[str], metric) -> i
     check_overrides(overrides, "override")
     check_overrides(set_a, "--set-a")
     check_overrides(set_b, "--set-b")
-    check_logged(metric)
     budget = planning.parse_duration(args.budget)
     sides = [planning.resolve_side("a", recipes[0], overrides + set_a), planning.resolve_side("b", recipes[1], overrides + set_b)]
     side_a, side_b = sides
+    check_logged(metric, {f"A ({side_a.name})": side_a.recipe, f"B ({side_b.name})": side_b.recipe})
     planning.check_same_data(side_a.recipe["data"], side_b.recipe["data"], side_a.classes, side_b.classes)
     notes = planning.loader_notes(side_a.recipe["loader"], side_b.recipe["loader"])
     out = args.out or default_out(side_a.name, side_b.name)

@@ -24,6 +24,9 @@ from microtrain_plugins.callbacks.metrics_log import read_metrics
 LOGGED_COLUMNS = ("test_acc", "test_loss", "train_acc", "train_loss", "lr", "epoch_seconds", "train_images_per_second")
 """The numbers every run logs each epoch (the engine and the metrics callback); a plugin may add its own."""
 
+VALIDATION_COLUMNS = ("val_acc", "val_loss")
+"""Logged besides, each epoch, by a run whose recipe holds out a validation split (``val_fraction`` > 0)."""
+
 EXAMPLES = "last5_test_acc, final_test_acc, best_test_acc, time_to:85 or epochs_to:85"
 
 
@@ -83,14 +86,26 @@ def parse_metric(text: str) -> Metric:
     return Metric(text, match.group(1), match.group(2))
 
 
-def check_logged(metric: Metric) -> None:
-    """Runs still to train must log the metric's column: one every run logs (a plugin's own column can be
-    compared over run dirs that hold it, with --runs-a/--runs-b)."""
-    if metric.column not in LOGGED_COLUMNS:
-        hint = "; use best_test_acc (microtrain evaluates the test split only, there is no validation split)" \
-            if metric.column.startswith("val") else ""
+def logged_columns(recipe: dict[str, Any]) -> tuple[str, ...]:
+    """The columns a run of this resolved recipe logs each epoch, whatever its plugins."""
+    holds_out = float(recipe.get("val_fraction") or 0) > 0
+    return LOGGED_COLUMNS + (VALIDATION_COLUMNS if holds_out else ())
+
+
+def check_logged(metric: Metric, recipes: dict[str, dict[str, Any]]) -> None:
+    """Runs still to train must log the metric's column: one every run logs, or a validation column when every
+    recipe (``{label: resolved recipe}``) holds out a validation split. A plugin's own column can be compared over
+    run dirs that hold it, with --runs-a/--runs-b."""
+    for label, recipe in recipes.items():
+        columns = logged_columns(recipe)
+        if metric.column in columns:
+            continue
+        if metric.column in VALIDATION_COLUMNS:
+            raise MicrotrainError(f"--metric {metric.name}: {label} holds out no validation split (val_fraction is 0), so "
+                                  f"its runs log no '{metric.column}'; add val_fraction=0.1 for both sides (a stratified "
+                                  "hold-out of the training images), or compare best_test_acc")
         raise MicrotrainError(f"--metric {metric.name}: runs do not log '{metric.column}' (every run logs "
-                              f"{', '.join(LOGGED_COLUMNS)}){hint}; a plugin's own column can be compared over finished "
+                              f"{', '.join(columns)}); a plugin's own column can be compared over finished "
                               "run dirs with --runs-a/--runs-b")
 
 
@@ -127,11 +142,17 @@ def metric_rows(metric: Metric, rows: list[dict[str, Any]]) -> list[dict[str, An
     return rows[-1:]
 
 
+def per_class_key(metric: Metric) -> str:
+    """The per-class column of the split the metric reads: validation for a ``val_`` column, else test."""
+    return "val_per_class_acc" if metric.column.startswith("val_") else "per_class_acc"
+
+
 def per_class(metric: Metric, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Per-class test accuracy over the metric's epochs (nan for a class without test images)."""
+    """Per-class accuracy on the metric's split over the metric's epochs (nan for a class without images)."""
     chosen = metric_rows(metric, rows)
-    classes = list((chosen[-1].get("per_class_acc") or {}).keys())
-    return {name: float(np.mean([_number((row.get("per_class_acc") or {}).get(name)) for row in chosen])) for name in classes}
+    key = per_class_key(metric)
+    classes = list((chosen[-1].get(key) or {}).keys())
+    return {name: float(np.mean([_number((row.get(key) or {}).get(name)) for row in chosen])) for name in classes}
 
 
 @dataclass
@@ -190,7 +211,7 @@ def read_finished_run(run_dir: Path, metric: Metric) -> RunFigures:
     columns = set().union(*(row.keys() for row in rows))
     if metric.column not in columns:
         raise MicrotrainError(f"--metric {metric.name}: '{run_dir}' logs no '{metric.column}' (it logs "
-                              f"{', '.join(sorted(c for c in columns if c not in ('per_class_acc', 'confusion')))}); "
+                              f"{', '.join(sorted(c for c in columns if not c.endswith(('per_class_acc', 'confusion'))))}); "
                               "pick a metric both sides log")
     wall = None
     try:

@@ -88,13 +88,14 @@ def print_result(result: dict[str, Any]) -> None:
             table.add_row(entry["name"], _stat_text(entry), escape(entry["method"].split(":")[0]))  # in full in compare.md
         console.print(table)
     if result["per_class"]:
-        table = Table(title="per-class test accuracy (the metric's epochs), B - A with its 95% paired t interval",
+        split = result.get("per_class_split", "test")
+        table = Table(title=f"per-class {split} accuracy (the metric's epochs), B - A with its 95% paired t interval",
                       title_justify="left")
         for column in ("class", "A %", "B %", "B - A", "95% interval"):
             table.add_column(column, justify="left" if column == "class" else "right")
         for row in result["per_class"]:
             if row["difference"] is None:
-                table.add_row(escape(row["class"]), "n/a", "n/a", "n/a", "no test images")
+                table.add_row(escape(row["class"]), "n/a", "n/a", "n/a", "no images of this class")
                 continue
             style = "" if row["low"] <= 0 <= row["high"] else "bold"
             table.add_row(escape(row["class"]), f"{row['mean_a']:.2f}", f"{row['mean_b']:.2f}",
@@ -147,8 +148,10 @@ def markdown(result: dict[str, Any]) -> str:
                             [[f"`{e['name']}`", _stat_text(e), e["method"]] for e in result["statistics"]]), ""]
     parts += ["![paired runs, the difference with its intervals, per-class differences](compare.png)", ""]
     if result["per_class"]:
-        parts += ["## Per class", "", "Test accuracy per class over the metric's epochs; B - A with its 95% paired t interval.", ""]
-        rows = [[r["class"], "n/a", "n/a", "n/a", "no test images"] if r["difference"] is None else
+        split = result.get("per_class_split", "test").capitalize()
+        parts += ["## Per class", "", f"{split} accuracy per class over the metric's epochs; B - A with its 95% paired t "
+                  "interval.", ""]
+        rows = [[r["class"], "n/a", "n/a", "n/a", "no images of this class"] if r["difference"] is None else
                 [r["class"], f"{r['mean_a']:.2f}", f"{r['mean_b']:.2f}", f"{r['difference']:+.2f}",
                  f"{r['low']:+.2f} to {r['high']:+.2f}"] for r in result["per_class"]]
         parts += [_md_table(["class", "A %", "B %", "B - A", "95% interval"], rows), ""]
@@ -273,6 +276,6 @@ def _class_panel(ax, result: dict[str, Any]) -> None:
     margin = 0.05 * max(highs - lows, 1e-6)
     ax.set_xlim(max(lows - margin, -100.0), min(highs + margin, 100.0))
     ax.set_yticks(y, [row["class"] for row in rows], fontsize=9 if len(rows) <= 30 else 6)
-    ax.set_xlabel("B - A, test accuracy (points)")
+    ax.set_xlabel(f"B - A, {result.get('per_class_split', 'test')} accuracy (points)")
     ax.set_title("per class, 95% paired t intervals\n(green: B higher, red: B lower, blue: holds 0)", fontsize=11)
     ax.grid(axis="x", alpha=0.3)

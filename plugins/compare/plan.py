@@ -33,6 +33,9 @@ STARTUP_SECONDS = 15.0
 DATA_KEYS_IGNORED = ("root",)
 """Where the data lives differs between machines, not what it is."""
 LOADER_KEYS_IGNORED = ("workers", "eval_batch_size")
+IN_ORDER_DRAW_LOADERS = ("tensor", "dali")
+"""Loaders that draw a batch's augmentation parameters transform by transform from one stream, in list order
+(augment_spec.draw_batch), so a transform appended to the list leaves the draws of the ones before it alone."""
 """Loader options that change neither the training batches nor their augmentation draws."""
 
 
@@ -99,9 +102,28 @@ def loader_notes(loader_a: dict[str, Any], loader_b: dict[str, Any]) -> list[str
     changed = differences(without(loader_a, LOADER_KEYS_IGNORED), without(loader_b, LOADER_KEYS_IGNORED))
     if not changed:
         return []
+    appended = appended_transforms(loader_a, loader_b) if changed == ["augment"] else None
+    if appended:
+        side, names = appended
+        return [f"{side}'s loader.augment appends {', '.join(names)} to the transforms both sides list: the same seed "
+                f"still gives both the same batches and the same draws of the shared transforms (the "
+                f"{loader_a.get('name')} loader draws them first, in list order); only {side}'s appended transforms "
+                "draw their own."]
     shown = ", ".join(f"loader.{key}" for key in changed[:4])
     return [f"A and B differ in {shown}: the same seed no longer gives both the same batches and augmentation draws, "
             "so pairing removes less of the run-to-run variance."]
+
+
+def appended_transforms(loader_a: dict[str, Any], loader_b: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """("A" or "B", names) when one side's augment list is the other's with transforms appended, on a loader whose
+    draws of the shared transforms then stay the same; else None."""
+    if loader_a.get("name") != loader_b.get("name") or loader_a.get("name") not in IN_ORDER_DRAW_LOADERS:
+        return None
+    list_a, list_b = list(loader_a.get("augment") or []), list(loader_b.get("augment") or [])
+    side, shorter, longer = ("B", list_a, list_b) if len(list_b) > len(list_a) else ("A", list_b, list_a)
+    if longer[:len(shorter)] != shorter:
+        return None
+    return side, [entry if isinstance(entry, str) else next(iter(entry), "?") for entry in longer[len(shorter):]]
 
 
 def _get(mapping: dict[str, Any], dotted: str) -> Any:
