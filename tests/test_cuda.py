@@ -275,6 +275,45 @@ def test_tensor_loader_batches_make_no_host_synchronisation(tmp_path):
     assert count == len(loader)
 
 
+def test_progress_shows_the_loss_of_a_cpu_run_as_it_is():
+    from microtrain_plugins.callbacks.progress import LossReader
+
+    assert LossReader().read(torch.tensor(2.25)) == 2.25
+
+
+def test_progress_bar_on_a_terminal_shows_the_running_loss(tmp_path, monkeypatch):
+    from microtrain_plugins.callbacks import progress
+
+    shown = []
+    original = progress.LossReader.read
+    monkeypatch.setattr(progress.Progress, "interactive", property(lambda self: True))
+    monkeypatch.setattr(progress.LossReader, "read", lambda self, loss: shown.append(original(self, loss)) or shown[-1])
+    recipe = {**NAN_RECIPE, "epochs": 1, "plugins": [{"progress": {"refresh_steps": 2}}]}
+    state = microtrain.build_run(recipe, run_dir=tmp_path / "run").engine.fit()
+    assert state.status == "completed"
+    assert len(shown) == state.steps_per_epoch // 2 and all(isinstance(v, float) and v > 0 for v in shown)
+
+
+@needs_cuda
+def test_progress_reads_the_loss_without_waiting_for_the_gpu():
+    """The progress bar's loss on a terminal: a pinned copy read once it has arrived, never a wait."""
+    from microtrain_plugins.callbacks.progress import LossReader
+
+    reader = LossReader()
+    loss = torch.tensor(1.5, device="cuda")
+    reader.read(loss)  # the first read allocates the pinned buffer
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        shown = reader.read(loss * 2)  # the first copy has arrived: 1.5; the copy of 3.0 is queued
+        queued = reader.read(loss * 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert shown == 1.5 and queued in (1.5, 3.0)
+    torch.cuda.synchronize()
+    assert reader.read(loss) == 6.0
+
+
 # Last: compiling takes the longest, and benchmarks/gpu_checks.sh may stop the file at its time limit.
 @needs_cuda
 def test_compiled_model_trains_with_the_tensor_loader(tmp_path):

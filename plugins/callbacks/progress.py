@@ -10,8 +10,35 @@ import os
 import sys
 from typing import Annotated
 
+import torch
+
 import microtrain
 from microtrain import Range
+
+
+class LossReader:
+    """The running loss for display, read without making the host wait for the GPU.
+
+    On a CPU the loss is a host value: read it. On CUDA a read would wait for every queued step, so each refresh
+    starts a non-blocking copy into pinned memory and shows the newest copy that has already arrived (at most a
+    refresh or two old)."""
+
+    def __init__(self) -> None:
+        self.shown: float | None = None
+        self._host: torch.Tensor | None = None
+        self._arrived: torch.cuda.Event | None = None
+
+    def read(self, loss: torch.Tensor) -> float | None:
+        if loss.device.type != "cuda":
+            return float(loss)
+        if self._arrived is not None and self._arrived.query():
+            self.shown = float(self._host)
+        if self._host is None:
+            self._host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        self._host.copy_(loss.detach(), non_blocking=True)
+        self._arrived = torch.cuda.Event()
+        self._arrived.record()
+        return self.shown
 
 
 class Progress:
@@ -20,6 +47,7 @@ class Progress:
         self.force_lines = force_lines
         self._progress = None
         self._task = None
+        self._loss = LossReader()
 
     @property
     def interactive(self) -> bool:
@@ -52,7 +80,8 @@ class Progress:
     def after_batch(self, state):
         if self._progress is None or state.batch_index % self.refresh_steps:
             return
-        self._progress.update(self._task, completed=state.batch_index, info=f"loss {state.loss.item():.3f}")
+        loss = self._loss.read(state.loss)
+        self._progress.update(self._task, completed=state.batch_index, info="" if loss is None else f"loss {loss:.3f}")
 
     @microtrain.hookimpl
     def after_epoch(self, state):
