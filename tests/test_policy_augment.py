@@ -39,6 +39,7 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
 FILL = (10, 20, 30)
 BINS = 31
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @functools.cache
@@ -261,19 +262,19 @@ def test_all_geometric_samples_of_a_round_share_one_warp() -> None:
 
 # ---- through the loader: p, identity, range, determinism, resume --------------------------------------------
 
-def context(images: np.ndarray, seed: int = 0) -> LoaderContext:
+def context(images: np.ndarray, seed: int = 0, device: str = "cpu") -> LoaderContext:
     c = images.shape[-1]
     return LoaderContext(images=images, labels=np.arange(len(images), dtype=np.int64) % 10, train=True,
-                         device=torch.device("cpu"), seed=seed, mean=MEAN[:c], std=STD[:c], channels_last=True)
+                         device=torch.device(device), seed=seed, mean=MEAN[:c], std=STD[:c], channels_last=True)
 
 
 def loader_pixels(images: np.ndarray, augment: list, *, batch_size: int | None = None, seed: int = 0,
-                  epoch: int = 1) -> torch.Tensor:
-    """One epoch's training batches, de-normalised to the 0-255 scale (B, C, H, W)."""
-    loader = build_tensor_loader(context(images, seed), batch_size=batch_size or len(images), augment=augment)
+                  epoch: int = 1, device: str = "cpu") -> torch.Tensor:
+    """One epoch's training batches, de-normalised to the 0-255 scale (B, C, H, W), on the CPU."""
+    loader = build_tensor_loader(context(images, seed, device), batch_size=batch_size or len(images), augment=augment)
     loader.set_epoch(epoch)
     c = images.shape[-1]
-    return torch.cat([x for x, _ in loader]) * (torch.tensor(STD[:c]).view(1, c, 1, 1) * 255) + \
+    return torch.cat([x.cpu() for x, _ in loader]) * (torch.tensor(STD[:c]).view(1, c, 1, 1) * 255) + \
         torch.tensor(MEAN[:c]).view(1, c, 1, 1) * 255
 
 
@@ -310,14 +311,15 @@ def test_p_is_the_fraction_of_samples_augmented() -> None:
     assert abs(changed.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("augment", STRONG)
-def test_pixels_stay_uint8_levels_range(augment: dict) -> None:
-    images = pictures(200, height=12, width=12)
+def test_pixels_stay_uint8_levels_range(augment: dict, device: str) -> None:
+    images = pictures(200, height=8, width=8)
     images[:50] = 255
     images[50:100] = 0
-    out = loader_pixels(images, [augment])
+    out = loader_pixels(images, [augment], batch_size=100, device=device)
     assert out.min() >= -1e-3 and out.max() <= 255 + 1e-3
-    assert (out - in_batch_order(images, batch_size=200)).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.5
+    assert (out - in_batch_order(images, batch_size=100)).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.5
 
 
 def test_gray_images_are_augmented_too() -> None:
@@ -330,17 +332,19 @@ AUGMENT = [{"HorizontalFlip": {"p": 0.5}}, {"Affine": {"translate_percent": [-0.
            {"CoarseDropout": {"num_holes_range": [1, 1], "hole_height_range": [4, 4], "hole_width_range": [4, 4], "p": 0.5}}]
 
 
-def epoch_of(seed: int, epoch: int, start_batch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    loader = build_tensor_loader(context(pictures(200, height=16, width=16), seed), batch_size=48, augment=AUGMENT)
+def epoch_of(seed: int, epoch: int, start_batch: int = 0, device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # 8x8 images: a batch stays below torch's parallel grain size, so the test is fast on a busy 2-core machine too
+    loader = build_tensor_loader(context(pictures(200, height=8, width=8), seed, device), batch_size=48, augment=AUGMENT)
     loader.set_epoch(epoch, start_batch)
-    return list(loader)
+    return [(x.cpu(), y.cpu()) for x, y in loader]
 
 
-def test_same_seed_same_pixels_other_seed_or_epoch_differs() -> None:
-    first, again = epoch_of(0, 1), epoch_of(0, 1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_pixels_other_seed_or_epoch_differs(device: str) -> None:
+    first, again = epoch_of(0, 1, device=device), epoch_of(0, 1, device=device)
     assert len(first) == 5
     assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(first, again, strict=True))
-    for other in (epoch_of(1, 1), epoch_of(0, 2)):
+    for other in (epoch_of(1, 1, device=device), epoch_of(0, 2, device=device)):
         assert not any(torch.equal(a, b) for (a, _), (b, _) in zip(first, other, strict=True))
 
 

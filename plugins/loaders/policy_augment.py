@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from microtrain import RecipeError, did_you_mean
 
@@ -108,7 +107,7 @@ def parse_policy(name: str, args: dict[str, Any], where: str) -> PolicySpec:
 
     bins = values["num_magnitude_bins"]
     if not _is_int(bins) or bins < 2:
-        raise bad("num_magnitude_bins", "must be a whole number >= 2 (31 in both papers' torchvision versions); raise it")
+        raise bad("num_magnitude_bins", "must be a whole number >= 2 (torchvision's default is 31); raise it")
     magnitude = None
     if name == "RandAugment":
         if not _is_int(values["num_ops"]) or values["num_ops"] < 1:
@@ -256,16 +255,16 @@ def luma(images: torch.Tensor) -> torch.Tensor:
 
 def smoothed(images: torch.Tensor) -> torch.Tensor:
     """PIL's ImageFilter.SMOOTH ([[1,1,1],[1,5,1],[1,1,1]]/13) inside the image, the border pixels kept
-    as they are (as PIL and torchvision do): the degenerate image of Sharpness. Not rounded."""
-    b, c, h, w = images.shape
-    if h < 3 or w < 3:
+    as they are (as PIL and torchvision do): the degenerate image of Sharpness. Not rounded. Written as
+    sums of shifted slices (a 3x3 box plus 4 x the centre): on a CPU about twice as fast as a depthwise
+    conv2d on CIFAR-sized batches."""
+    if images.shape[2] < 3 or images.shape[3] < 3:
         return images
-    kernel = torch.ones(3, 3, device=images.device, dtype=images.dtype)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / 13.0).expand(c, 1, 3, 3)
-    inner = F.conv2d(images, kernel, groups=c)
-    return torch.cat([images[:, :, :1], torch.cat([images[:, :, 1:-1, :1], inner, images[:, :, 1:-1, -1:]], dim=3),
-                      images[:, :, -1:]], dim=2)
+    rows = images[:, :, :-2] + images[:, :, 1:-1] + images[:, :, 2:]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    out = images.clone()
+    out[:, :, 1:-1, 1:-1] = (box + 4.0 * images[:, :, 1:-1, 1:-1]) / 13.0
+    return out
 
 
 def equalize_lut(levels: torch.Tensor) -> torch.Tensor:
@@ -300,6 +299,9 @@ class PolicyOps:
         self.geometric = torch.tensor([op in GEOMETRIC for op in spec.ops], device=device)
         self.blend = torch.tensor([op in BLENDS for op in spec.ops], device=device)
         self.level = torch.tensor([op in LEVEL_OPS for op in spec.ops], device=device)
+        # Families absent from ``ops`` cost nothing: their pass is skipped.
+        self.has_geometric, self.has_blend, self.has_level = (bool(mask.any()) for mask in (self.geometric, self.blend,
+                                                                                              self.level))
         self.fill = torch.tensor(fill, dtype=torch.float32, device=device)
         self.levels_range = torch.arange(256, dtype=torch.float32, device=device)
 
@@ -313,12 +315,12 @@ class PolicyOps:
         """One op per sample (``op``, (B,) index into spec.ops) where ``apply`` is set."""
         value = self.values[op, bins]
         value = torch.where(self.signed[op] & negative, -value, value)
-        if any(name in self.index for name in GEOMETRIC):
+        if self.has_geometric:
             theta = geometry_theta(op, value, self.index, self.height, self.width)
             images = warp(images, apply & self.geometric[op], theta, self.fill, mode=self.spec.interpolation)
-        if any(name in self.index for name in BLENDS):
+        if self.has_blend:
             images = self.blends(images, apply & self.blend[op], op, 1.0 + value)
-        if any(name in self.index for name in LEVEL_OPS):
+        if self.has_level:
             images = self.level_ops(images, apply & self.level[op], op, value)
         return images
 
