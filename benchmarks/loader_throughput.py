@@ -10,6 +10,10 @@ only after a synchronise. Nothing else runs, so the figure is the loader's ceili
 
     python benchmarks/loader_throughput.py --data-root ../shared/data --json loader_throughput.json
     python benchmarks/loader_throughput.py --loaders albumentations,dali --workers 0,2 --limit 2000
+    python benchmarks/loader_throughput.py --loaders tensor --augment "[HorizontalFlip, {TrivialAugment: {}}]"
+
+``--augment`` is ``seed`` (the seed recipe's list), ``none``, or any augment list in YAML; a loader that
+cannot run the list is reported as skipped with its reason.
 
 Measure on a quiet machine: the header shows the load average at the start.
 """
@@ -32,6 +36,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from microtrain.errors import MicrotrainError  # noqa: E402
 from microtrain.plugin_manager import create_plugin_manager  # noqa: E402
@@ -78,8 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-root", default=None,
                         help="folder holding cifar-10-batches-bin/ (default $MICROTRAIN_DATA; synthetic data if absent)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N training images (quick checks)")
-    parser.add_argument("--augment", choices=["seed", "none"], default="seed",
-                        help="the seed recipe's augmentation list, or none (default seed)")
+    parser.add_argument("--augment", default="seed",
+                        help="seed (the seed recipe's augmentation list, the default), none, or an augment list in YAML, "
+                             "e.g. \"[HorizontalFlip, {TrivialAugment: {}}]\"")
     parser.add_argument("--device", default="auto", help="where batches are delivered: auto (cuda if present), cpu, cuda")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -132,6 +138,22 @@ def variants(names: list[str], worker_counts: list[int], gpu: bool) -> list[Vari
         else:
             found.append(Variant(name, "defaults", {}))
     return found
+
+
+def augment_list(text: str) -> list:
+    """--augment: ``seed``, ``none`` or a YAML list of transforms (checked by each loader when it is built)."""
+    if text == "seed":
+        return load_recipe_file(SEED_RECIPE)["loader"]["augment"]
+    if text == "none":
+        return []
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        parsed = None
+    if not isinstance(parsed, list):
+        raise MicrotrainError(f"--augment {text!r}: give seed, none or a YAML list of transforms, e.g. "
+                              "\"[HorizontalFlip, {TrivialAugment: {}}]\"")
+    return parsed
 
 
 def measure(registry, variant: Variant, data: ImageData, device: torch.device, batch_size: int, augment: list,
@@ -227,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             registry.get("loader", name, "--loaders")  # an unknown name is an error that lists the available ones
         data, source = load_data(args.data_root, args.limit)
-        augment = load_recipe_file(SEED_RECIPE)["loader"]["augment"] if args.augment == "seed" else []
+        augment = augment_list(args.augment)
     except MicrotrainError as exc:
         print(f"loader_throughput: error: {exc}", file=sys.stderr)
         return 2

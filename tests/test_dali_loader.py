@@ -308,3 +308,25 @@ def test_throughput_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch
     assert report["settings"]["images"] == 300 and report["settings"]["data"].startswith("synthetic 32x32x3")
     assert "load_average_at_start" in report["machine"]
     assert "Loader throughput" in capsys.readouterr().out
+
+
+def test_throughput_benchmark_takes_an_augment_list(tmp_path, capsys, monkeypatch):
+    """--augment with a YAML list: the tensor loader measures it, a loader that cannot run it is skipped with why."""
+    import importlib.util as util
+    import json
+
+    spec = util.spec_from_file_location("loader_throughput", REPO / "benchmarks" / "loader_throughput.py")
+    bench = util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "cifar_roots", lambda _root: [])
+    out = tmp_path / "throughput.json"
+    common = ["--workers", "0", "--limit", "128", "--batch-size", "64", "--warmup", "0", "--epochs", "1"]
+    assert bench.main(["--loaders", "tensor,albumentations", "--augment", "[HorizontalFlip, {TrivialAugment: {}}]",
+                       *common, "--json", str(out)]) == 0
+    rows = {r["loader"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["tensor"]["status"] == "ok" and rows["tensor"]["images_per_epoch"] == 128
+    assert rows["albumentations"]["status"] == "skipped" and "tensor-loader transform" in rows["albumentations"]["reason"]
+    capsys.readouterr()
+    assert bench.main(["--loaders", "tensor", "--augment", "{HorizontalFlip: 1}", *common]) == 2
+    assert "give seed, none or a YAML list" in capsys.readouterr().err
