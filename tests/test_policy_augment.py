@@ -457,3 +457,18 @@ def test_microtrain_run_trains_one_epoch_with_trivial_augment(tiny_recipe, tmp_p
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1]
     assert re.search(r"TrivialAugment", (run_dir / "recipe.yaml").read_text())
+
+
+def test_a_policy_only_list_needs_no_albumentations(monkeypatch) -> None:
+    """TrivialAugment/RandAugment are ours: a machine without albumentations can still check and run them."""
+    import sys
+
+    from microtrain_plugins.loaders.augment_spec import check_against_images, check_augment_list
+
+    monkeypatch.setitem(sys.modules, "albumentations", None)  # any import of it now raises ImportError
+    entries = [{"TrivialAugment": {}}, {"RandAugment": {"num_ops": 2, "magnitude": 9}}]
+    assert check_augment_list(entries, loader="tensor", native=True) == entries
+    check_against_images(entries, (32, 32, 3), loader="tensor", native=True)
+    assert len(canonical_transforms(entries, "tensor", "loader.augment", native=True)) == 2
+    with pytest.raises(ImportError):
+        check_augment_list([{"HorizontalFlip": {"p": 0.5}}], loader="tensor", native=True)

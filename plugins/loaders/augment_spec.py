@@ -99,9 +99,12 @@ def build_transforms(entries: list[Any], where: str = "loader.augment"):
 
 
 def _albumentations_transforms(parsed: list[tuple[str, dict[str, Any]]], where: str) -> dict[int, Any]:
-    """{entry index: albumentations object} for every entry that is not one of microtrain's own transforms."""
+    """{entry index: albumentations object} for every entry that is not one of microtrain's own transforms.
+    albumentations is imported only when there is one, so a list of TrivialAugment/RandAugment runs without it."""
     import inspect
 
+    if all(policy_augment.is_policy(name) for name, _ in parsed):
+        return {}
     import albumentations as A
 
     transforms = {}
@@ -180,8 +183,6 @@ def check_against_images(entries: list[Any], shape: tuple[int, int, int], where:
     does), CoarseDropout's smallest pixel hole inside the image, microtrain's own transforms on 1 or 3
     channels, and the contract at this exact shape (a Transpose keeps square images square, not others).
     ``shape`` is (height, width, channels)."""
-    import albumentations as A
-
     height, width, channels = shape
     parsed = parse_augment_list(entries, where)
     transforms = _albumentations_transforms(parsed, where)
@@ -196,6 +197,8 @@ def check_against_images(entries: list[Any], shape: tuple[int, int, int], where:
             fill_per_channel(fill, channels, f"{here}: {name}.fill")
         if policy_augment.is_policy(name):
             continue
+        import albumentations as A  # only reached for an albumentations entry
+
         transform = transforms[i]
         if isinstance(transform, A.ToGray) and channels not in (1, 3):
             raise RecipeError(f"{here}: ToGray needs 3-channel (RGB) images (1-channel ones are left as they are); "
@@ -347,8 +350,6 @@ def canonical_transforms(entries: list[Any], loader: str, where: str = "loader.a
     parsed = parse_augment_list(entries, where)
     if not parsed:
         return []
-    import albumentations as A
-
     supported = CANONICAL + (list(policy_augment.NAMES) if native else [])
     for i, (name, _args) in enumerate(parsed):
         if policy_augment.is_policy(name):
@@ -363,6 +364,8 @@ def canonical_transforms(entries: list[Any], loader: str, where: str = "loader.a
         if policy_augment.is_policy(name):
             specs.append(policy_augment.parse_policy(name, args, here))
             continue
+        import albumentations as A  # only reached for an albumentations entry
+
         transform = transforms[i]
         p = float(transform.p)
         if isinstance(transform, A.HorizontalFlip):
