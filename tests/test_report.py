@@ -355,7 +355,7 @@ def before_epoch(state):
 def test_interrupted_run_leaves_a_report_of_what_exists(tmp_path: Path, monkeypatch, capsys) -> None:
     (tmp_path / "stop_at_epoch_two.py").write_text(STOPPER)
     monkeypatch.syspath_prepend(str(tmp_path))
-    recipe = tiny_recipe(tmp_path, ["metrics", "checkpoint", "report", "stop_at_epoch_two"], epochs=3)
+    recipe = tiny_recipe(tmp_path, ["metrics", "checkpoint", "report", "summary", "stop_at_epoch_two"], epochs=3)
     assert main(["run", str(recipe), "--run-dir", str(tmp_path / "run")]) == 130
     assert "partial report written" in capsys.readouterr().err
     folder = tmp_path / "run" / "report"
@@ -380,7 +380,32 @@ def test_interrupted_run_leaves_a_report_of_what_exists(tmp_path: Path, monkeypa
     lr = json.loads((folder / "lr_steps.json").read_text())["lr"]
     assert len(lr) == 24 and lr[:8] == first_lr
     assert record["run"]["wall_seconds"] > first_wall
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())  # the summary counts both sessions too
+    assert summary["resumed_from_epoch"] == 1
+    assert "(all sessions of the run)" in capsys.readouterr().out.replace("\n", " ")  # rich wraps at spaces
 
+
+
+def test_summary_wall_time_adds_the_earlier_sessions_kept_in_the_checkpoint(tmp_path: Path, capsys) -> None:
+    from microtrain_plugins.callbacks.summary import Summary
+
+    first = Summary()
+    first.before_fit(SimpleNamespace())
+    saved: dict = {"plugins": {}}
+    first.on_checkpoint_save(SimpleNamespace(), saved)
+    assert saved["plugins"]["summary"]["wall_seconds"] >= 0
+
+    resumed = Summary()
+    resumed.on_checkpoint_load(SimpleNamespace(), {"plugins": {"summary": {"wall_seconds": 1000.0}}})
+    resumed.before_fit(SimpleNamespace())
+    row = {"epoch": 2, "test_acc": 50.0, "epoch_seconds": 1.0, "train_images_per_second": 10.0,
+           "per_class_acc": {"cat": 50.0}}
+    state = SimpleNamespace(is_main=True, history=[dict(row, epoch=1), row], run_dir=tmp_path,
+                            recipe={"name": "tiny"}, start_epoch=2)
+    resumed.after_fit(state)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 1000.0 <= summary["wall_seconds"] < 1060.0 and summary["resumed_from_epoch"] == 1
+    assert "wall time 16.7 min (all sessions of the run)" in capsys.readouterr().out.replace("\n", " ")
 
 # --- evaluation plugins --------------------------------------------------------------------------
 

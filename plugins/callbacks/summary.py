@@ -1,6 +1,7 @@
 """Callback ``summary``: at the end of a run, a table of per-class accuracy (beside a reference,
 such as the seed document's figures, when the recipe gives one), best and last-5-mean test
-accuracy, and wall time; also written to ``<run dir>/summary.json``."""
+accuracy, and wall time; also written to ``<run dir>/summary.json``. The wall time is the run's: a
+resumed run adds the seconds its earlier sessions spent, kept in the checkpoint, as the report does."""
 
 from __future__ import annotations
 
@@ -42,10 +43,23 @@ class Summary:
         self.reference = reference or {}
         self.reference_name = reference_name
         self.last = last
+        self.wall_before = 0.0  # seconds spent in earlier sessions of a resumed run
+        self.start = time.perf_counter()
+
+    def _wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.start
 
     @microtrain.hookimpl
     def before_fit(self, state):
         self.start = time.perf_counter()
+
+    @microtrain.hookimpl
+    def on_checkpoint_save(self, state, checkpoint):
+        checkpoint["plugins"]["summary"] = {"wall_seconds": self._wall()}
+
+    @microtrain.hookimpl
+    def on_checkpoint_load(self, state, checkpoint):
+        self.wall_before = float(checkpoint.get("plugins", {}).get("summary", {}).get("wall_seconds", 0.0))
 
     @microtrain.hookimpl
     def after_fit(self, state):
@@ -54,7 +68,7 @@ class Summary:
         from rich.console import Console
         from rich.table import Table
 
-        summary = summarize(state.history, time.perf_counter() - self.start, self.last)
+        summary = summarize(state.history, self._wall(), self.last)
         summary["resumed_from_epoch"] = state.start_epoch - 1 if state.start_epoch > 1 else None
         (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         table = Table(title=f"{state.recipe['name']}: per-class test accuracy after epoch {state.history[-1]['epoch']}",
@@ -75,7 +89,9 @@ class Summary:
         console.print(
             f"test accuracy: final {summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}% (epoch "
             f"{summary['best_epoch']}), mean of last {min(self.last, len(state.history))} epochs {summary[key]:.2f}%; "
-            f"wall time {summary['wall_seconds'] / 60:.1f} min, {summary['mean_train_images_per_second']:.0f} train img/s",
+            f"wall time {summary['wall_seconds'] / 60:.1f} min"
+            f"{' (all sessions of the run)' if summary['resumed_from_epoch'] else ''}, "
+            f"{summary['mean_train_images_per_second']:.0f} train img/s",
             highlight=False,
         )
         if "best_val_acc" in summary:
