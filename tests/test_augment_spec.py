@@ -147,7 +147,7 @@ def test_the_recipes_augment_lists_are_accepted_unchanged(loader):
 
     for path in sorted((REPO / "recipes").glob("*.yaml")):
         augment = load_recipe_file(path)["loader"]["augment"]
-        names = [entry if isinstance(entry, str) else next(iter(entry)) for entry in augment]
+        names = [name for name, _ in augment_spec.parse_augment_list(augment)]
         if loader != "tensor" and any(policy_augment.is_policy(name) for name in names):
             with pytest.raises(RecipeError, match=f"which the {loader} loader does not run; use loader.name=tensor"):
                 resolve_augment(loader, augment)
