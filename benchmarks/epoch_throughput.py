@@ -27,7 +27,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 import microtrain  # noqa: E402
 from microtrain import MicrotrainError, Run, State  # noqa: E402
 from microtrain.assembly import configure_threads  # noqa: E402
+from microtrain.machine import machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LOADERS = ["albumentations", "tensor", "dali"]
@@ -191,15 +191,6 @@ def available(loader: str) -> str | None:
     return None if found else "NVIDIA DALI is not installed"
 
 
-def machine() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -296,7 +287,7 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, device, model
     report = {
         "benchmark": "epoch_throughput", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(), "device": str(device), "recipe": str(args.recipe), "model": model_name,
+        "machine": machine_info(device), "device": str(device), "recipe": str(args.recipe), "model": model_name,
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "data": args.data_root or "synthetic", "overrides": args.overrides,
         "train_flops_per_image": flops_per_image, "peak_gflops": peak, "loaders": results,

@@ -16,7 +16,7 @@ import time
 import torch
 
 from microtrain.assembly import configure_threads, prepare_recipe
-from microtrain_plugins.callbacks.report.render import machine_info
+from microtrain.machine import machine_info
 
 
 def measure(model: torch.nn.Module, batch: int, channels_last: bool, images_per_size: int) -> float:

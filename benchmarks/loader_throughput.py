@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from microtrain.errors import MicrotrainError  # noqa: E402
+from microtrain.machine import machine_info  # noqa: E402
 from microtrain.plugin_manager import create_plugin_manager  # noqa: E402
 from microtrain.recipe import load_recipe_file  # noqa: E402
 from microtrain.state import ImageData, LoaderContext  # noqa: E402
@@ -201,14 +201,9 @@ def measure(registry, variant: Variant, data: ImageData, device: torch.device, b
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "load_average_at_start": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+    """The machine (CPU model, cores, threads, versions), its load when timing began, and the loader libraries' versions."""
+    info = machine_info()
+    info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     for package, module in (("albumentations", "albumentations"), ("nvidia-dali", "nvidia.dali")):
         try:
             info[package] = __import__(module, fromlist=["__version__"]).__version__

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import torch
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 
 import microtrain
 from microtrain.assembly import prepare_recipe
+from microtrain.machine import machine_info
 
 VARIANTS = [
     {"threads": 2, "channels_last": True, "precision": "fp32", "compile": False, "batch_size": 128},
@@ -75,7 +74,7 @@ def main() -> None:
     rows = [{**variant, "images_per_second": round(best[i], 1)} for i, variant in enumerate(VARIANTS)]
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            json.dump({"machine": machine_info(),
                        "torch": torch.__version__, "recipe": args.recipe, "results": rows}, handle, indent=2)
 
 

@@ -19,6 +19,7 @@ from conftest import REPO, real_cifar_root  # noqa: E402
 
 from microtrain.cli import main  # noqa: E402
 from microtrain.errors import MicrotrainError, RecipeError  # noqa: E402
+from microtrain.machine import cpu_model  # noqa: E402
 from microtrain.recipe import load_recipe_file  # noqa: E402
 from microtrain.sampling import epoch_batches  # noqa: E402
 from microtrain.state import LoaderContext  # noqa: E402
@@ -307,6 +308,7 @@ def test_throughput_benchmark_runs_and_writes_json(tmp_path, capsys, monkeypatch
         assert len(row["epoch_seconds"]) == 2 and row["images_per_second"] > 0
     assert report["settings"]["images"] == 300 and report["settings"]["data"].startswith("synthetic 32x32x3")
     assert "load_average_at_start" in report["machine"]
+    assert report["machine"]["cpu"] == cpu_model() and report["machine"]["torch_threads"] >= 1  # the CPU's model, not "x86_64"
     assert "Loader throughput" in capsys.readouterr().out
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import microtrain
 from microtrain import MicrotrainError
-from microtrain_plugins.callbacks.report.render import machine_info
+from microtrain.machine import machine_info
 from microtrain_plugins.compare import plan as planning
 from microtrain_plugins.compare.analysis import SIDES, analyse
 from microtrain_plugins.compare.metrics import RunFigures, check_logged, parse_metric, read_finished_run

@@ -25,12 +25,12 @@ from microtrain_plugins.callbacks.report.figures import (
     per_class_figure,
 )
 from microtrain_plugins.callbacks.report.predictions import MistakeCollector, Predictions, denormalise, loader_samples
-from microtrain_plugins.callbacks.report.render import FILES, machine_info, make_report
+from microtrain_plugins.callbacks.report.render import FILES, make_report
 from microtrain_plugins.callbacks.report.tables import ClassRow, class_table, confusion_matrix, normalise_rows
 
 __all__ = [
     "FILES", "FOLDER", "ClassRow", "MistakeCollector", "Predictions", "Report", "build_report", "class_table",
     "confusion_figure", "confusion_matrix", "curves_figure", "denormalise", "figure_inches", "figure_pixels",
-    "figure_rgb", "grid_figure", "loader_samples", "machine_info", "make_report", "normalise_rows",
+    "figure_rgb", "grid_figure", "loader_samples", "make_report", "normalise_rows",
     "per_class_figure", "report_run_dir",
 ]

@@ -24,12 +24,12 @@ import torch
 
 import microtrain
 from microtrain import MicrotrainError, Range
+from microtrain.machine import machine_info
 from microtrain_plugins.callbacks.report.predictions import MistakeCollector
 from microtrain_plugins.callbacks.report.render import (
     LR_STEPS,
     RUN_INFO,
     components_of,
-    machine_info,
     make_report,
     write_text_atomically,
 )

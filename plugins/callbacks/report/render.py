@@ -4,18 +4,15 @@ an interrupted write never leaves half a file."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
-import platform
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import microtrain
 from microtrain_plugins.callbacks.report.figures import (
@@ -54,32 +51,6 @@ def write_text_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_info(device: torch.device | None = None) -> dict[str, Any]:
-    """Where a run trained: platform, CPU, cores, GPU, versions."""
-    gpu = None
-    if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(device)
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "gpu": gpu,
-        "device": str(device) if device is not None else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "microtrain": microtrain.__version__,
-    }
-
 
 
 def best_checkpoint_notes(best_json: Path) -> list[str]:
