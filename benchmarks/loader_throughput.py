@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps({"settings": settings, "machine": info,
                                              "results": [asdict(r) for r in results]}, indent=2) + "\n")
     header = {"data": f"{source}, {settings['images']:,} images", "batch": args.batch_size, "augment": args.augment,
-              "epochs": f"{args.warmup} warm-up + {args.epochs} measured", "cores": info["cpu_cores"],
+              "epochs": f"{args.warmup} warm-up + {args.epochs} measured", "cpu": info["cpu"], "cores": info["usable_cores"],
               "gpu": info["gpu"] or "none", "load avg at start": info["load_average_at_start"]}
     print_table(results, header)
     if args.json:

@@ -94,3 +94,29 @@ def test_receptive_fields_follow_residual_branches():
     shortcuts = [(row.receptive_field, row.jump) for row in rows if ".shortcut." in row.name]
     assert shortcuts == [(11, 2), (25, 4)]
     assert totals["receptive_field"] == 53
+
+
+def test_dsresnet_pad_shortcut_has_no_parameters_and_carries_the_input():
+    """shortcut=pad: a fresh block that halves and widens passes the pooled input on in its first channels, zeros after."""
+    from microtrain.errors import RecipeError
+    from microtrain_plugins.models.dsresnet import SeparableResidualBlock, build_dsresnet
+
+    block = SeparableResidualBlock(4, 8, stride=2, shortcut="pad").eval()
+    assert sum(p.numel() for p in block.shortcut.parameters()) == 0
+    x = torch.rand(2, 4, 6, 6)
+    out = block(x)
+    assert out.shape == (2, 8, 3, 3)
+    assert torch.allclose(out[:, :4], torch.nn.functional.avg_pool2d(x, 2)) and torch.equal(out[:, 4:], torch.zeros(2, 4, 3, 3))
+
+    projection, pad = build_dsresnet(10, (3, 32, 32)), build_dsresnet(10, (3, 32, 32), shortcut="pad")
+    saved = sum(p.numel() for p in projection.parameters()) - sum(p.numel() for p in pad.parameters())
+    assert saved == 32 * 64 + 2 * 64 + 64 * 128 + 2 * 128  # the two strided 1x1 projections and their BatchNorms
+    assert sum(p.numel() for p in build_dsresnet(10, (3, 32, 32), widths=[32, 72, 128], blocks=[2, 3, 2],
+                                                 shortcut="pad").parameters()) == 103_834  # recipes/cifar10_dsresnet_pad.yaml
+    with pytest.raises(RecipeError, match=r"model.shortcut=pad only appends channels, but model.widths narrows \(64 -> 32\)"):
+        build_dsresnet(10, (3, 32, 32), widths=[64, 32], blocks=[1, 1], shortcut="pad")
+    from microtrain.plugin_manager import create_plugin_manager
+
+    dsresnet = create_plugin_manager()[1].get("model", "dsresnet", "model.name")
+    with pytest.raises(RecipeError, match="model.shortcut"):
+        dsresnet.validate({"shortcut": "conv"}, "model")

@@ -8,15 +8,19 @@ deep: with the defaults, a 3x3 stem and three stages (32, 64, 128 channels at 32
 8x8) of two blocks each, 13 convolution layers on the longest path and 97,610 parameters.
 
 Block: [depthwise 3x3 (stride s) -> pointwise 1x1 -> BN -> ReLU] -> [depthwise 3x3 -> pointwise
-1x1 -> BN] + shortcut -> ReLU. The shortcut is the identity, or a strided 1x1 convolution with BN
-where the shape changes. The last BN of each block starts at zero, so each block starts as the
+1x1 -> BN] + shortcut -> ReLU. The shortcut is the identity, or where the shape changes either a
+strided 1x1 convolution with BN (``shortcut: projection``, the default) or, with ``shortcut: pad``, a
+2x2 average pool and zero channels appended (He et al.'s option A): no parameters, so the ~10K that
+the two projections cost at the default widths can go into width instead.
+
+The last BN of each block starts at zero, so each block starts as the
 identity (He et al. / Goyal et al.'s zero-init trick), which makes deep stacks train from the
 first step. Outputs logits after global average pooling and a linear layer.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
@@ -34,14 +38,28 @@ def separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
+class PoolAndPad(nn.Module):
+    """The parameter-free shortcut: average-pool by the stride, then append zero channels up to ``cout``."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.extra = cout - cin
+        self.pool: nn.Module = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(self.pool(x), (0, 0, 0, 0, 0, self.extra))
+
+
 class SeparableResidualBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "projection"):
         super().__init__()
         self.first = separable(cin, cout, stride)
         self.second = separable(cout, cout)
         nn.init.zeros_(self.second[-1].weight)  # the block starts as the identity
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
+        if (stride != 1 or cin != cout) and shortcut == "pad":
+            self.shortcut = PoolAndPad(cin, cout, stride)
+        elif stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
         self.relu = nn.ReLU(inplace=True)
 
@@ -51,7 +69,8 @@ class SeparableResidualBlock(nn.Module):
 
 
 class DSResNet(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, widths: list[int], blocks: list[int], dropout: float):
+    def __init__(self, num_classes: int, in_channels: int, widths: list[int], blocks: list[int], dropout: float,
+                 shortcut: str = "projection"):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
@@ -60,7 +79,7 @@ class DSResNet(nn.Module):
         for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
             for index in range(count):
                 stride = 2 if stage > 0 and index == 0 else 1
-                layers.append(SeparableResidualBlock(cin, width, stride))
+                layers.append(SeparableResidualBlock(cin, width, stride, shortcut))
                 cin = width
         self.stages = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -83,13 +102,20 @@ STAGES = Check(at_least_one_stage, "(one per stage, at least one)")
 def build_dsresnet(num_classes: int, image_shape: tuple[int, int, int], *,
                    widths: Annotated[list[Annotated[int, Range(ge=1, le=1024)]], STAGES] = [32, 64, 128],  # noqa: B006
                    blocks: Annotated[list[Annotated[int, Range(ge=1, le=16)]], STAGES] = [2, 2, 2],  # noqa: B006
-                   dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> nn.Module:
+                   dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0,
+                   shortcut: Literal["projection", "pad"] = "projection") -> nn.Module:
     """Residual depthwise-separable CNN: one stage per entry of ``widths`` (each after the first halves the
-    resolution) with as many residual blocks as the same entry of ``blocks``; dropout before the final linear layer."""
+    resolution) with as many residual blocks as the same entry of ``blocks``; dropout before the final linear layer;
+    ``shortcut`` is how a block that changes the shape carries its input (see the module's docstring)."""
     if len(widths) != len(blocks):  # the one rule across two options, so it is checked here
         raise RecipeError(f"model.widths and model.blocks need the same number of stages (one entry each), got "
                           f"{len(widths)} widths and {len(blocks)} block counts")
-    return DSResNet(num_classes, image_shape[0], list(widths), list(blocks), dropout)
+    if shortcut == "pad":
+        narrowing = [f"{a} -> {b}" for a, b in zip(widths[:-1], widths[1:], strict=True) if b < a]
+        if narrowing:
+            raise RecipeError(f"model.shortcut=pad only appends channels, but model.widths narrows ({', '.join(narrowing)}); "
+                              "make each width at least the one before it, or use model.shortcut=projection")
+    return DSResNet(num_classes, image_shape[0], list(widths), list(blocks), dropout, shortcut)
 
 
 @microtrain.hookimpl
