@@ -40,9 +40,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import microtrain  # noqa: E402
-from microtrain import MicrotrainError, Run, State  # noqa: E402
+from microtrain import MicrotrainError, Run, State, machine_info  # noqa: E402
 from microtrain.assembly import configure_threads  # noqa: E402
-from microtrain.machine import machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LOADERS = ["albumentations", "tensor", "dali"]

@@ -15,8 +15,8 @@ import time
 
 import torch
 
+from microtrain import machine_info
 from microtrain.assembly import configure_threads, prepare_recipe
-from microtrain.machine import machine_info
 
 
 def measure(model: torch.nn.Module, batch: int, channels_last: bool, images_per_size: int) -> float:

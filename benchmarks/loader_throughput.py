@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from microtrain import machine_info  # noqa: E402
 from microtrain.errors import MicrotrainError  # noqa: E402
-from microtrain.machine import machine_info  # noqa: E402
 from microtrain.plugin_manager import create_plugin_manager  # noqa: E402
 from microtrain.recipe import load_recipe_file  # noqa: E402
 from microtrain.state import ImageData, LoaderContext  # noqa: E402

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import microtrain
+from microtrain import machine_info
 from microtrain.assembly import prepare_recipe
-from microtrain.machine import machine_info
 
 VARIANTS = [
     {"threads": 2, "channels_last": True, "precision": "fp32", "compile": False, "batch_size": 128},

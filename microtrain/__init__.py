@@ -22,6 +22,7 @@ from microtrain.errors import (
 )
 from microtrain.hookspecs import hookimpl, hookspec
 from microtrain.loading import LoadedRun, load_run
+from microtrain.machine import machine_info
 from microtrain.recipe import dump_recipe, plugin_entries
 from microtrain.rundir import RunStatus, run_status
 from microtrain.sampling import EpochBatches, batch_seed, epoch_batches
@@ -32,6 +33,6 @@ __all__ = [
     "Check", "CheckpointError", "DataError", "Engine", "EpochBatches", "ImageData", "Interrupted", "LoadedRun",
     "LoaderContext", "MicrotrainError", "PluginError", "Range", "RecipeError", "Run", "State", "TrainingStopped",
     "__version__", "atomic_save", "autocast", "batch_seed", "build_run", "did_you_mean", "dump_recipe",
-    "epoch_batches", "evaluate", "hookimpl", "hookspec", "load_checkpoint", "load_run", "make_checkpoint",
+    "epoch_batches", "evaluate", "hookimpl", "hookspec", "load_checkpoint", "load_run", "machine_info", "make_checkpoint",
     "plugin_entries", "RunStatus", "run_status",
 ]

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import microtrain
-from microtrain import MicrotrainError
-from microtrain.machine import machine_info
+from microtrain import MicrotrainError, machine_info
 from microtrain_plugins.compare import plan as planning
 from microtrain_plugins.compare.analysis import SIDES, analyse
 from microtrain_plugins.compare.metrics import RunFigures, check_logged, parse_metric, read_finished_run

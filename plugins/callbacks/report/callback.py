@@ -23,8 +23,7 @@ from typing import Annotated, Any
 import torch
 
 import microtrain
-from microtrain import MicrotrainError, Range
-from microtrain.machine import machine_info
+from microtrain import MicrotrainError, Range, machine_info
 from microtrain_plugins.callbacks.report.predictions import MistakeCollector
 from microtrain_plugins.callbacks.report.render import (
     LR_STEPS,
