@@ -57,10 +57,9 @@ class SeparableResidualBlock(nn.Module):
         self.second = separable(cout, cout)
         nn.init.zeros_(self.second[-1].weight)  # the block starts as the identity
         self.shortcut: nn.Module = nn.Identity()
-        if (stride != 1 or cin != cout) and shortcut == "pad":
-            self.shortcut = PoolAndPad(cin, cout, stride)
-        elif stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        if stride != 1 or cin != cout:
+            self.shortcut = PoolAndPad(cin, cout, stride) if shortcut == "pad" else \
+                nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
