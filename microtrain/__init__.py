@@ -23,7 +23,7 @@ from microtrain.errors import (
 from microtrain.hookspecs import hookimpl, hookspec
 from microtrain.loading import LoadedRun, load_run
 from microtrain.machine import machine_info
-from microtrain.recipe import dump_recipe, plugin_entries
+from microtrain.recipe import dump_recipe, plugin_entries, with_defaults
 from microtrain.rundir import RunStatus, run_status
 from microtrain.sampling import EpochBatches, batch_seed, epoch_batches
 from microtrain.state import ImageData, LoaderContext, State
@@ -34,5 +34,5 @@ __all__ = [
     "LoaderContext", "MicrotrainError", "PluginError", "Range", "RecipeError", "Run", "State", "TrainingStopped",
     "__version__", "atomic_save", "autocast", "batch_seed", "build_run", "did_you_mean", "dump_recipe",
     "epoch_batches", "evaluate", "hookimpl", "hookspec", "load_checkpoint", "load_run", "machine_info", "make_checkpoint",
-    "plugin_entries", "RunStatus", "run_status",
+    "plugin_entries", "RunStatus", "run_status", "with_defaults",
 ]

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from microtrain.components import Check, Range, Registry, check_type
-from microtrain.errors import RecipeError, did_you_mean
+from microtrain.errors import MicrotrainError, RecipeError, did_you_mean
 
 COMPONENT_SECTIONS = {"model": "model", "data": "data", "loader": "loader", "optimizer": "optimizer", "schedule": "schedule"}
 
@@ -318,6 +318,30 @@ def with_core_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
     for key, spec in CORE_FIELDS.items():
         if key not in filled and spec.default is not REQUIRED:
             filled[key] = copy.deepcopy(spec.default)
+    return filled
+
+
+def with_defaults(recipe: dict[str, Any], registry: Registry) -> dict[str, Any]:
+    """A recipe.yaml saved by an earlier run, with the defaults of today's core fields and component options filled in.
+
+    An option added since the run was saved (``model.shortcut``, say) is then not a change: the run had its default.
+    Components the registry does not know, and options since removed or renamed, are left as saved, so that a
+    comparison with today's resolved recipe reports them. ``registry``: the components today's recipe was resolved
+    against (``Run.registry``)."""
+    filled = with_core_defaults(recipe)
+    for section, kind in COMPONENT_SECTIONS.items():
+        body = filled.get(section)
+        if isinstance(body, dict) and isinstance(body.get("name"), str) and registry.has(kind, body["name"]):
+            options = {k: v for k, v in body.items() if k != "name"}
+            try:
+                filled[section] = {"name": body["name"], **registry.get(kind, body["name"], section).validate(options, section)}
+            except MicrotrainError:
+                pass
+    if isinstance(filled.get("plugins"), list):
+        try:  # a run dir written before plugins had their normal form lists bare callback names
+            filled["plugins"] = normalise_plugins(filled["plugins"], registry)
+        except MicrotrainError:
+            pass
     return filled
 
 

@@ -27,7 +27,7 @@ from microtrain.assembly import build_run, default_run_dir, prepare_recipe
 from microtrain.checkpoint import load_checkpoint, restore_checkpoint
 from microtrain.engine import Engine
 from microtrain.errors import CheckpointError, MicrotrainError, PluginError, PluginHookError, RecipeError, Signalled
-from microtrain.recipe import COMPONENT_SECTIONS, dump_recipe, load_recipe_file, normalise_plugins, with_core_defaults
+from microtrain.recipe import dump_recipe, load_recipe_file, with_defaults
 from microtrain.resume import (
     check_changes,
     check_epochs,
@@ -218,20 +218,7 @@ def _saved_recipe(run_dir: Path, registry) -> dict[str, Any]:
     saved = load_recipe_file(run_dir / "recipe.yaml")  # a damaged file is one line, as a recipe's would be
     if not isinstance(saved, dict):
         raise MicrotrainError(f"--resume: '{run_dir / 'recipe.yaml'}' is not a recipe; pass the run dir of an earlier run")
-    saved = with_core_defaults(saved)
-    for section, kind in COMPONENT_SECTIONS.items():
-        # an option added since the run was saved is not a change: compare with its default filled in
-        body = saved.get(section)
-        if isinstance(body, dict) and isinstance(body.get("name"), str) and registry.has(kind, body["name"]):
-            options = {k: v for k, v in body.items() if k != "name"}
-            with contextlib.suppress(MicrotrainError):  # an option since removed or renamed is reported as a change
-                saved[section] = {"name": body["name"], **registry.get(kind, body["name"], section).validate(options, section)}
-    if isinstance(saved.get("plugins"), list):
-        try:  # a run dir written before plugins had their normal form lists bare callback names
-            saved["plugins"] = normalise_plugins(saved["plugins"], registry)
-        except MicrotrainError:
-            pass  # the difference is reported as a change
-    return saved
+    return with_defaults(saved, registry)
 
 
 def _logged_epochs(run_dir: Path) -> int:

@@ -25,6 +25,7 @@ from scipy import stats as scipy_stats
 import microtrain
 from microtrain import MicrotrainError
 from microtrain.cli import main
+from microtrain.plugin_manager import create_plugin_manager
 from microtrain_plugins.compare import stats
 from microtrain_plugins.compare.analysis import analyse, pair_runs
 from microtrain_plugins.compare.metrics import (
@@ -229,7 +230,7 @@ def fake_run(run_dir: Path, recipe: dict, accuracies: list[float], status: str =
 
 def fake_side(key: str = "a", **changes) -> Side:
     return Side(key=key, recipe_path="fake.yaml", overrides=[], recipe=fake_recipe(**changes), classes=["cat", "dog"],
-                train_size=1000)
+                train_size=1000, registry=create_plugin_manager()[1])
 
 
 def test_plan_trains_fresh_resumes_stopped_and_reuses_finished_run_dirs(tmp_path):
@@ -251,6 +252,16 @@ def test_plan_trains_fresh_resumes_stopped_and_reuses_finished_run_dirs(tmp_path
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(MicrotrainError, match="holds no microtrain run"):
         plan_run(side, 0, tmp_path / "junk")
+
+
+def test_plan_reuses_a_run_dir_saved_before_an_option_existed_as_resume_does(tmp_path):
+    """Today's recipe resolves model.width; a run saved before that option existed had its default."""
+    side = fake_side(model={"name": "dsconv", "dropout": 0.05, "width": 1.0})
+    fake_run(tmp_path / "old", fake_recipe(seed=0, model={"name": "dsconv", "dropout": 0.05}), [50, 60, 70])
+    assert plan_run(side, 0, tmp_path / "old").action == "reuse"
+    fake_run(tmp_path / "other", fake_recipe(seed=0, model={"name": "dsconv", "dropout": 0.2}), [50, 60, 70])
+    with pytest.raises(MicrotrainError, match=r"another recipe \(model.dropout differ"):
+        plan_run(side, 0, tmp_path / "other")
 
 
 def test_estimate_uses_measured_images_per_second_else_states_its_assumption(tmp_path):

@@ -49,6 +49,7 @@ class Side:
     recipe: dict[str, Any]  # resolved (its seed is replaced per run)
     classes: list[str]
     train_size: int
+    registry: Any  # the components the recipe was resolved against (Run.registry)
 
     @property
     def name(self) -> str:
@@ -72,7 +73,7 @@ def resolve_side(key: str, recipe_path: str, overrides: list[str]) -> Side:
         run = microtrain.build_run(recipe_path, overrides, callbacks="none")
     data = run.state.data
     return Side(key=key, recipe_path=recipe_path, overrides=overrides, recipe=run.recipe, classes=list(data.classes),
-                train_size=len(data.train_labels))
+                train_size=len(data.train_labels), registry=run.registry)
 
 
 def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -163,7 +164,9 @@ def plan_run(side: Side, seed: int, run_dir: Path) -> PlannedRun:
         return PlannedRun(side, seed, run_dir, "train", epochs)
     if not (run_dir / "recipe.yaml").is_file():
         raise MicrotrainError(f"'{run_dir}' exists but holds no microtrain run (no recipe.yaml); delete it or pass another --out")
-    changed = differences(read_recipe(run_dir), side.recipe_for(seed))
+    # as --resume compares: an option added since the run dir was saved is not a change
+    changed = differences(microtrain.with_defaults(read_recipe(run_dir), side.registry),
+                          microtrain.with_defaults(side.recipe_for(seed), side.registry))
     if changed:
         raise MicrotrainError(f"'{run_dir}' holds a run of another recipe ({', '.join(changed[:4])} differ); pass another "
                               "--out, or delete that folder to train it again")
