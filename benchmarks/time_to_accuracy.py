@@ -7,7 +7,8 @@ Each seed is one ``microtrain run`` process (``seed=S`` plus the given overrides
 ``--run-root/seed<S>``. This file is also added to the run's plugin list as a plugin module: its
 ``on_eval`` hook logs ``wall_seconds`` in metrics.jsonl, the seconds from launching the process to
 the end of that epoch's evaluation (start-up, data loading and every evaluation included). The
-report gives, per seed, the first epoch whose test accuracy is >= the target and its wall time,
+report gives, per seed, the first evaluated epoch whose test accuracy is >= the target and its wall time
+(with ``eval_every=N`` fewer epochs are evaluated: less time spent, a coarser answer),
 the final and best accuracy, then the mean and spread (sample standard deviation) over seeds.
 
 ``--runs DIR...`` only reads finished run dirs (no training); runs without ``wall_seconds`` report
@@ -75,19 +76,20 @@ def analyse(run_dir: Path, target: float) -> dict[str, Any]:
     from microtrain_plugins.callbacks.metrics_log import read_metrics
 
     rows = read_metrics(run_dir)
-    timed = all(row.get("wall_seconds") is not None for row in rows)
-    reached = next((row for row in rows if row["test_acc"] >= target), None)
+    evaluated = [row for row in rows if "test_acc" in row]  # every epoch, unless the recipe sets eval_every
+    timed = all(row.get("wall_seconds") is not None for row in evaluated)
+    reached = next((row for row in evaluated if row["test_acc"] >= target), None)
     elapsed = 0.0
     train_seconds = {}
     for row in rows:
         elapsed += row.get("epoch_seconds") or 0.0
         train_seconds[row["epoch"]] = elapsed
     result: dict[str, Any] = {
-        "run_dir": str(run_dir), "epochs": len(rows), "final_test_acc": rows[-1]["test_acc"],
-        "best_test_acc": max(row["test_acc"] for row in rows), "reached": reached is not None,
+        "run_dir": str(run_dir), "epochs": len(rows), "final_test_acc": evaluated[-1]["test_acc"],
+        "best_test_acc": max(row["test_acc"] for row in evaluated), "reached": reached is not None,
         "epoch_to_target": reached["epoch"] if reached else None,
         "time_kind": "wall_seconds" if timed else "train_seconds",
-        "seconds_to_target": None, "total_seconds": rows[-1]["wall_seconds"] if timed else elapsed,
+        "seconds_to_target": None, "total_seconds": evaluated[-1]["wall_seconds"] if timed else elapsed,
     }
     if reached is not None:
         result["seconds_to_target"] = reached["wall_seconds"] if timed else train_seconds[reached["epoch"]]

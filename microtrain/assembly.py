@@ -222,7 +222,7 @@ def build_state(recipe: dict[str, Any], run_dir: Path, pm: pluggy.PluginManager,
     state = State(recipe=recipe, run_dir=run_dir, device=device, data=data, model=model, optimizer=optimizer,
                   scheduler=scheduler, train_loader=train_loader, test_loader=test_loader, epochs=recipe["epochs"],
                   rank=rank, world_size=world_size, steps_per_epoch=steps_per_epoch, plugin_manager=pm,
-                  grad_scaler=grad_scaler, val_loader=val_loader)
+                  grad_scaler=grad_scaler, val_loader=val_loader, eval_every=recipe["eval_every"])
     if recipe["compile"]:
         state.model = torch.compile(model)
     state.eval_model = state.model

@@ -2,7 +2,9 @@
 evaluation loop every pass over a split goes through (per-epoch test metrics, reports, TensorBoard,
 benchmarks).
 
-    before_fit, [before_epoch, [before_batch, step, after_batch]*, before_eval, on_eval, after_epoch]*, after_fit
+    before_fit, [before_epoch, [before_batch, step, after_batch]*, (before_eval, on_eval), after_epoch]*, after_fit
+
+(before_eval and on_eval come after every ``eval_every``-th epoch and the last; every epoch by default.)
 
 The step itself (forward, loss, backward, optimizer and schedule step) is plain PyTorch with no
 per-step host synchronisation, so the loop runs as fast as a hand-written one: on a GPU the host
@@ -178,12 +180,8 @@ class Engine:
             self.hook("before_epoch")
             train_metrics = self.train_epoch()
             state.metrics = {"epoch": epoch, **train_metrics}
-            self.hook("before_eval")
-            model = state.eval_model if state.eval_model is not None else state.model  # no bool(): compiled modules raise
-            state.metrics.update(evaluate(state, model))
-            if state.val_loader is not None:
-                state.metrics.update(evaluate(state, model, loader=state.val_loader, prefix="val"))
-            self.hook("on_eval")
+            if state.evaluates(epoch):
+                self.evaluate_epoch()
             state.history.append(state.metrics)
             self.hook("after_epoch")
             self._stop_if_requested(mid_epoch=False)
@@ -192,6 +190,16 @@ class Engine:
         state.status = "completed"
         self.hook("after_fit")
         return state
+
+    def evaluate_epoch(self) -> None:
+        """Add the test (and validation) figures of the model the run evaluates to ``state.metrics``."""
+        state = self.state
+        self.hook("before_eval")
+        model = state.eval_model if state.eval_model is not None else state.model  # no bool(): compiled modules raise
+        state.metrics.update(evaluate(state, model))
+        if state.val_loader is not None:
+            state.metrics.update(evaluate(state, model, loader=state.val_loader, prefix="val"))
+        self.hook("on_eval")
 
     def train_epoch(self) -> dict[str, Any]:
         """Train from batch ``state.batch_index`` to the end of the epoch. After a mid-epoch resume that index is

@@ -9,7 +9,8 @@ Order within a run:
     before_fit                   model, optimizer, loaders and run dir exist
       before_epoch
         before_batch / after_batch   for every training batch
-      before_eval / predict / on_eval   evaluation on the test split (predict: for every test batch)
+      before_eval / predict / on_eval   evaluation on the test split (predict: for every test batch), after
+                                   every ``eval_every``-th epoch and the last (every epoch by default)
       after_epoch
     after_fit                    always after the last epoch (also when stopped early)
     on_checkpoint_save / on_checkpoint_load   when a checkpoint is written or restored
@@ -80,7 +81,8 @@ def on_eval(state):
 @hookspec
 def after_epoch(state):
     """Called at the end of every epoch, after ``on_eval``; ``state.history`` already holds this
-    epoch's metrics. Checkpoints are written here. Set ``state.stop_training`` to stop."""
+    epoch's metrics (train figures only in an epoch that was not evaluated: ``"test_acc" in
+    state.metrics`` tells). Checkpoints are written here. Set ``state.stop_training`` to stop."""
 
 
 @hookspec

@@ -75,6 +75,9 @@ CORE_FIELDS: dict[str, CoreField] = {
     "val_fraction": CoreField(Annotated[float, Range(ge=0, le=0.5)], 0.0,
                               "share of each class of the train split held out for validation (chosen by seed, never "
                               "augmented; best.pt is chosen on it); 0: no validation split"),
+    "eval_every": CoreField(Annotated[int, Range(ge=1, le=1_000_000)], 1,
+                            "evaluate on the test (and validation) split after every N-th epoch and after the last; "
+                            "the epochs between log train figures only"),
     "plugins": CoreField(list, DEFAULT_PLUGINS, "callbacks by name (a dict gives options) and plugin modules by import path"),
 }
 

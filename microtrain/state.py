@@ -106,6 +106,11 @@ class State:
     plugin_manager: pluggy.PluginManager | None = None  # calls the hooks; checkpoints and evaluation use it
     grad_scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling (disabled, but present, otherwise)
     val_loader: Any = None  # the held-out share of the train split (recipe field val_fraction), or None
+    eval_every: int = 1  # recipe field eval_every: epochs between two evaluations (the last epoch is always one)
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the engine evaluates after ``epoch``: every ``eval_every``-th epoch and the last."""
+        return epoch % self.eval_every == 0 or epoch >= self.epochs
 
     @property
     def is_main(self) -> bool:

@@ -104,7 +104,7 @@ class Checkpointing:
         if not state.is_main:
             return
         checkpoint = make_checkpoint(state)
-        if self.keep_best and self._score(state.metrics) > self.best:
+        if self.keep_best and self.monitor in state.metrics and self._score(state.metrics) > self.best:  # (evaluated)
             self.best = self._score(state.metrics)
             atomic_save(checkpoint, self.folder(state) / "best.pt")
             split = "validation split" if self.monitor.startswith("val_") else "test split"

@@ -2,7 +2,8 @@
 
 Fields: epoch, lr, train_loss, train_acc, test_loss, test_acc (percent), epoch_seconds,
 train_images_per_second, per_class_acc (class -> percent), confusion (rows: true class), and
-whatever other plugins added to ``state.metrics``.
+whatever other plugins added to ``state.metrics``. An epoch that was not evaluated (recipe field
+``eval_every``) has no test (or validation) fields.
 """
 
 from __future__ import annotations

@@ -92,8 +92,8 @@ class Progress:
         self._print(
             f"epoch {m['epoch']:>3}/{state.epochs}  lr {m['lr']:.4f}  train loss {m['train_loss']:.4f} acc "
             f"{m['train_acc']:.2f}%  " + (f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.2f}%  " if "val_acc" in m else "")
-            + f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.2f}%  "
-            f"{m['epoch_seconds']:.1f}s {m['train_images_per_second']:.0f} img/s"
+            + (f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.2f}%  " if "test_acc" in m else "")
+            + f"{m['epoch_seconds']:.1f}s {m['train_images_per_second']:.0f} img/s"
         )
 
     @microtrain.hookimpl

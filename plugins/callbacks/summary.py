@@ -15,27 +15,45 @@ import microtrain
 from microtrain import Check, Range, RecipeError
 
 
+def evaluated_rows(history: list[dict]) -> list[dict]:
+    """The epochs that were evaluated (recipe field ``eval_every``): those with a test accuracy."""
+    return [row for row in history if isinstance(row.get("test_acc"), (int, float)) and math.isfinite(row["test_acc"])]
+
+
 def summarize(history: list[dict], wall_seconds: float | None = None, last: int = 5) -> dict:
-    """The figures a person reports for a run, from its per-epoch metrics."""
-    tail = history[-last:]
-    final = history[-1]
+    """The figures a person reports for a run, from its per-epoch metrics. Test figures come from the evaluated
+    epochs: with ``eval_every: 1`` (the default) every epoch, else ``last`` means the last evaluations, whose epochs
+    ``last_mean_epochs`` lists; a run stopped before any evaluation has None for them."""
+    evaluated = evaluated_rows(history)
+    tail = evaluated[-last:]
+    final = evaluated[-1] if evaluated else {}
     validation = {}
-    if all("val_acc" in row for row in history):  # a validation split: the honest way to pick an epoch
-        best_val = max(history, key=lambda row: row["val_acc"])
+    if evaluated and all("val_acc" in row for row in evaluated):  # a validation split: the honest way to pick an epoch
+        best_val = max(evaluated, key=lambda row: row["val_acc"])
         validation = {"best_val_acc": best_val["val_acc"], "best_val_epoch": best_val["epoch"],
                       "test_acc_at_best_val": best_val["test_acc"], "final_val_acc": final["val_acc"]}
+    best = max(evaluated, key=lambda row: row["test_acc"]) if evaluated else {}
     return {
         "epochs": len(history),
-        "best_test_acc": max(row["test_acc"] for row in history),
-        "best_epoch": max(history, key=lambda row: row["test_acc"])["epoch"],
-        f"last{last}_mean_test_acc": statistics.fmean(row["test_acc"] for row in tail),
-        "final_test_acc": final["test_acc"],
+        "best_test_acc": best.get("test_acc"),
+        "best_epoch": best.get("epoch"),
+        f"last{last}_mean_test_acc": statistics.fmean(row["test_acc"] for row in tail) if tail else None,
+        "last_mean_epochs": [row["epoch"] for row in tail],
+        "final_test_acc": final.get("test_acc"),
+        "final_epoch": final.get("epoch"),
         "final_per_class_acc": final.get("per_class_acc", {}),
         "mean_epoch_seconds": statistics.fmean(row["epoch_seconds"] for row in history),
         "mean_train_images_per_second": statistics.fmean(row["train_images_per_second"] for row in history),
         "wall_seconds": wall_seconds,
         **validation,
     }
+
+
+def epochs_text(epochs: list[int]) -> str:
+    """'last 5 epochs' when they follow each other, else 'epochs 30, 35, 40'."""
+    if epochs and epochs == list(range(epochs[0], epochs[0] + len(epochs))):
+        return f"last {len(epochs)} epoch{'s' if len(epochs) > 1 else ''}"
+    return "epochs " + ", ".join(str(epoch) for epoch in epochs)
 
 
 class Summary:
@@ -71,7 +89,14 @@ class Summary:
         summary = summarize(state.history, self._wall(), self.last)
         summary["resumed_from_epoch"] = state.start_epoch - 1 if state.start_epoch > 1 else None
         (state.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = Table(title=f"{state.recipe['name']}: per-class test accuracy after epoch {state.history[-1]['epoch']}",
+        console = Console()
+        wall = (f"wall time {summary['wall_seconds'] / 60:.1f} min"
+                f"{' (all sessions of the run)' if summary['resumed_from_epoch'] else ''}, "
+                f"{summary['mean_train_images_per_second']:.0f} train img/s")
+        if summary["final_test_acc"] is None:  # stopped before its first evaluation
+            console.print(f"no epoch was evaluated (eval_every {state.eval_every}); {wall}", highlight=False)
+            return
+        table = Table(title=f"{state.recipe['name']}: per-class test accuracy after epoch {summary['final_epoch']}",
                       title_justify="left")
         table.add_column("class")
         table.add_column("accuracy %", justify="right")
@@ -83,15 +108,11 @@ class Summary:
                 ref = self.reference.get(name)
                 row.append("-" if ref is None else f"{ref:g}")
             table.add_row(*row)
-        console = Console()
         console.print(table)
         key = f"last{self.last}_mean_test_acc"
         console.print(
             f"test accuracy: final {summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}% (epoch "
-            f"{summary['best_epoch']}), mean of last {min(self.last, len(state.history))} epochs {summary[key]:.2f}%; "
-            f"wall time {summary['wall_seconds'] / 60:.1f} min"
-            f"{' (all sessions of the run)' if summary['resumed_from_epoch'] else ''}, "
-            f"{summary['mean_train_images_per_second']:.0f} train img/s",
+            f"{summary['best_epoch']}), mean of {epochs_text(summary['last_mean_epochs'])} {summary[key]:.2f}%; {wall}",
             highlight=False,
         )
         if "best_val_acc" in summary:

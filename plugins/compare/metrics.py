@@ -132,14 +132,24 @@ def metric_value(metric: Metric, rows: list[dict[str, Any]]) -> float | None:
 
 
 def metric_rows(metric: Metric, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The epochs the metric reads; per-class figures are read from the same ones (the last for a target)."""
+    """The epochs the metric reads; per-class figures are read from the same ones (the last for a target).
+
+    Test and validation columns exist only for evaluated epochs (recipe field ``eval_every``): ``final_`` reads the
+    last evaluated epoch, ``best_`` every evaluated one, and ``lastN_`` needs each of the last N epochs evaluated."""
     if metric.kind == "last":
-        return rows[-metric.window:]
+        tail = rows[-metric.window:]
+        missing = [row["epoch"] for row in tail if metric.column not in row]
+        if missing:
+            raise MicrotrainError(f"--metric {metric.name}: epoch(s) {', '.join(map(str, missing))} of a run were not "
+                                  f"evaluated (eval_every > 1), so there is no mean of the last {metric.window}; compare "
+                                  f"final_{metric.column}, or run with eval_every=1")
+        return tail
     if metric.kind == "best":
         pick = min if metric.lower_is_better else max
         usable = [row for row in rows if math.isfinite(_number(row.get(metric.column)))]
         return [pick(usable, key=lambda row: _number(row.get(metric.column)))] if usable else rows[-1:]
-    return rows[-1:]
+    holding = [row for row in rows if metric.column in row]
+    return holding[-1:] if holding else rows[-1:]
 
 
 def per_class_key(metric: Metric) -> str:

@@ -52,14 +52,16 @@ def curves_figure(history: list[dict], lr_steps: Sequence[float] | None, steps_p
     fig = new_figure("curves")
     acc_ax, loss_ax, lr_ax = fig.subplots(1, 3)
     epochs = [row["epoch"] for row in history]
-    style = {"marker": "o", "markersize": 3} if len(history) <= 30 else {}
     for ax, key, title, unit in ((acc_ax, "acc", "accuracy", "accuracy (%)"), (loss_ax, "loss", "loss", "cross-entropy loss")):
         splits = (("train", "tab:blue"), ("val", "tab:green"), ("test", "tab:orange"))
         for split, colour in splits:
             if split == "val" and not any(f"val_{key}" in row for row in history):
                 continue  # no validation split in this run
-            values = [as_number(row.get(f"{split}_{key}")) for row in history]
-            ax.plot(epochs, values, color=colour, label=split, **style)
+            # test and val points exist only for the evaluated epochs (eval_every): join those
+            points = [(row["epoch"], as_number(row.get(f"{split}_{key}"))) for row in history]
+            points = [(epoch, value) for epoch, value in points if math.isfinite(value)] if split != "train" else points
+            style = {"marker": "o", "markersize": 3} if len(points) <= 30 else {}
+            ax.plot([epoch for epoch, _ in points], [value for _, value in points], color=colour, label=split, **style)
         ax.set(title=title, xlabel="epoch", ylabel=unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -78,7 +80,8 @@ def curves_figure(history: list[dict], lr_steps: Sequence[float] | None, steps_p
         lr_ax.plot(x, lr_steps, color="tab:purple", linewidth=1.2)
         lr_ax.set_title("learning rate (per step)")
     elif history:
-        lr_ax.plot(epochs, [as_number(row.get("lr")) for row in history], color="tab:purple", **style)
+        lr_ax.plot(epochs, [as_number(row.get("lr")) for row in history], color="tab:purple",
+                   **({"marker": "o", "markersize": 3} if len(history) <= 30 else {}))
         lr_ax.set_title("learning rate (per epoch; no per-step record)")
     else:
         lr_ax.set_title("learning rate")

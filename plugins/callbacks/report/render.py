@@ -30,10 +30,12 @@ from microtrain_plugins.callbacks.report.tables import (
     class_table,
     duration_text,
     json_safe,
+    number_text,
     percent_text,
     reference_of,
     summarize_history,
 )
+from microtrain_plugins.callbacks.summary import epochs_text
 
 RUN_INFO = "run_info.json"
 LR_STEPS = "lr_steps.json"
@@ -81,9 +83,10 @@ def make_report(out_dir: Path, *, recipe: dict[str, Any], history: list[dict], c
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
     notes += best_checkpoint_notes(out_dir.parent / "checkpoints" / "best.json")
-    if confusion is None and history and history[-1].get("confusion") is not None:
-        confusion = history[-1]["confusion"]
-        notes.append(f"Per-class figures and confusion matrix are those of the last finished epoch ({history[-1]['epoch']}).")
+    evaluated = [row for row in history if row.get("confusion") is not None]  # every epoch unless eval_every > 1
+    if confusion is None and evaluated:
+        confusion = evaluated[-1]["confusion"]
+        notes.append(f"Per-class figures and confusion matrix are those of the last evaluated epoch ({evaluated[-1]['epoch']}).")
     samples_images = samples_labels = None
     if train_loader is not None and samples > 0:
         samples_images, samples_labels = loader_samples(train_loader, mean, std, samples)
@@ -97,7 +100,7 @@ def make_report(out_dir: Path, *, recipe: dict[str, Any], history: list[dict], c
     save_figure(fig, out_dir / "curves.png")
     written.append("curves.png")
 
-    final_epoch = history[-1]["epoch"] if history else None
+    final_epoch = evaluated[-1]["epoch"] if evaluated else None
     rows: list[ClassRow] = []
     reference, reference_name = reference_of(recipe)
     if confusion is not None:
@@ -108,7 +111,7 @@ def make_report(out_dir: Path, *, recipe: dict[str, Any], history: list[dict], c
         save_figure(confusion_figure(matrix, classes, f"confusion matrix, % of each true class ({which})"), out_dir / "confusion.png")
         written += ["per_class.png", "confusion.png"]
     else:
-        notes.append("No epoch finished: no per-class figures and no confusion matrix.")
+        notes.append("No epoch was evaluated: no per-class figures and no confusion matrix.")
 
     if predictions is not None:
         titles = [f"{classes[t]} -> {classes[p]} ({c:.2f})" for t, p, c in
@@ -170,7 +173,7 @@ def render_markdown(record: dict[str, Any], history: list[dict], reference: dict
     if summary:
         rows += [
             ("best test accuracy", f"{percent_text(summary['best_test_acc'])}% (epoch {summary['best_epoch']})"),
-            (f"mean test accuracy, last {min(LAST, len(history))} epochs", f"{percent_text(summary['last_mean_test_acc'])}%"),
+            (f"mean test accuracy, {epochs_text(summary['last_mean_epochs'])}", f"{percent_text(summary['last_mean_test_acc'])}%"),
             ("final test accuracy", f"{percent_text(summary['final_test_acc'])}%"),
             *([("best validation accuracy", f"{percent_text(summary['best_val_acc'])}% (epoch {summary['best_val_epoch']}; "
                 f"test accuracy then {percent_text(summary['test_acc_at_best_val'])}%)")] if "best_val_acc" in summary else []),
@@ -219,7 +222,7 @@ def render_markdown(record: dict[str, Any], history: list[dict], reference: dict
         for row in history[-LAST:]:
             lines.append(
                 f"| {row['epoch']} | {as_number(row.get('lr')):.4g} | {as_number(row.get('train_loss')):.4f} | "
-                f"{percent_text(row.get('train_acc'))} | {as_number(row.get('test_loss')):.4f} | {percent_text(row.get('test_acc'))} | "
+                f"{percent_text(row.get('train_acc'))} | {number_text(row.get('test_loss'))} | {percent_text(row.get('test_acc'))} | "
                 f"{as_number(row.get('epoch_seconds')):.1f} | {as_number(row.get('train_images_per_second')):,.0f} |")
         lines.append("")
     lines += [f"*Written {datetime.datetime.now().isoformat(timespec='seconds')} by microtrain {microtrain.__version__}; "

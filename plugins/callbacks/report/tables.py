@@ -106,6 +106,11 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def number_text(value: Any, digits: int = 4) -> str:
+    value = as_number(value)
+    return f"{value:.{digits}f}" if math.isfinite(value) else "-"
+
+
 def percent_text(value: Any, digits: int = 2) -> str:
     value = as_number(value)
     return f"{value:.{digits}f}" if math.isfinite(value) else "-"
