@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, TINY_RECIPE
 
@@ -109,3 +110,25 @@ def test_time_to_accuracy_reads_the_evaluated_epochs(tmp_path: Path, monkeypatch
     result = bench.analyse(tmp_path, 85.0)
     assert (result["epoch_to_target"], result["seconds_to_target"], result["time_kind"]) == (2, 30.0, "wall_seconds")
     assert (result["final_test_acc"], result["best_test_acc"], result["total_seconds"]) == (87.0, 87.0, 55.0)
+
+
+def test_evaluating_less_often_changes_neither_training_nor_what_a_checkpoint_holds(tmp_path: Path) -> None:
+    """Same seed, eval_every 1 against 3: the same train figures every epoch, the same final test figures, and the
+    checkpoint of epoch 2 (evaluated in one run, not in the other) holds the same EMA with re-estimated BatchNorm."""
+    from microtrain.run import run
+
+    recipe = tmp_path / "recipe.yaml"
+    plugins = ["metrics", {"checkpoint": {"keep_previous": True}}, {"ema": {"decay": 0.9}}, {"tta": {"flip": True}}]
+    recipe.write_text(yaml.safe_dump({**RECIPE, "epochs": 3, "plugins": plugins}))
+    figures, emas = {}, {}
+    for every in (1, 3):
+        run_dir = tmp_path / f"every{every}"
+        assert run(recipe, [f"eval_every={every}"], run_dir=run_dir) == 0
+        figures[every] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        emas[every] = microtrain.load_checkpoint(run_dir / "checkpoints" / "previous.pt")["plugins"]["ema"]["state_dict"]
+    for row_1, row_3 in zip(figures[1], figures[3], strict=True):
+        assert (row_1["train_loss"], row_1["train_acc"]) == (row_3["train_loss"], row_3["train_acc"])
+    assert (figures[1][-1]["test_acc"], figures[1][-1]["test_loss"]) == (figures[3][-1]["test_acc"], figures[3][-1]["test_loss"])
+    assert "test_acc" not in figures[3][1]
+    assert emas[1].keys() == emas[3].keys()
+    assert all(torch.equal(emas[1][name], emas[3][name]) for name in emas[1])

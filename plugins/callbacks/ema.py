@@ -143,6 +143,14 @@ class EMA:
         self.refresh_batchnorm()
         self.recent_batches = []  # free the memory until the next epoch's last batches
 
+    @microtrain.hookimpl(tryfirst=True)
+    def after_epoch(self, state):
+        """An epoch that was not evaluated (eval_every) still ends with the statistics re-estimated, before the
+        checkpoint callback saves them: a model loaded from that checkpoint is the one the run would evaluate."""
+        if self.recent_batches:
+            self.refresh_batchnorm()
+            self.recent_batches = []
+
     @microtrain.hookimpl
     def on_checkpoint_save(self, state, checkpoint):
         model = self._ensure(state)
