@@ -83,10 +83,11 @@ def make_report(out_dir: Path, *, recipe: dict[str, Any], history: list[dict], c
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
     notes += best_checkpoint_notes(out_dir.parent / "checkpoints" / "best.json")
+    final_epoch = history[-1]["epoch"] if history else None  # the epoch of the model a given confusion matrix is of
     evaluated = [row for row in history if row.get("confusion") is not None]  # every epoch unless eval_every > 1
     if confusion is None and evaluated:
-        confusion = evaluated[-1]["confusion"]
-        notes.append(f"Per-class figures and confusion matrix are those of the last evaluated epoch ({evaluated[-1]['epoch']}).")
+        confusion, final_epoch = evaluated[-1]["confusion"], evaluated[-1]["epoch"]
+        notes.append(f"Per-class figures and confusion matrix are those of the last evaluated epoch ({final_epoch}).")
     samples_images = samples_labels = None
     if train_loader is not None and samples > 0:
         samples_images, samples_labels = loader_samples(train_loader, mean, std, samples)
@@ -100,7 +101,6 @@ def make_report(out_dir: Path, *, recipe: dict[str, Any], history: list[dict], c
     save_figure(fig, out_dir / "curves.png")
     written.append("curves.png")
 
-    final_epoch = evaluated[-1]["epoch"] if evaluated else None
     rows: list[ClassRow] = []
     reference, reference_name = reference_of(recipe)
     if confusion is not None:
