@@ -120,3 +120,32 @@ def test_dsresnet_pad_shortcut_has_no_parameters_and_carries_the_input():
     dsresnet = create_plugin_manager()[1].get("model", "dsresnet", "model.name")
     with pytest.raises(RecipeError, match="model.shortcut"):
         dsresnet.validate({"shortcut": "conv"}, "model")
+
+
+def test_dsresnet_squeeze_excite_gates_each_image_and_keeps_the_identity_start():
+    """se_reduction=r: a per-image, per-channel gate in (0, 1) on the residual branch, 2*c*c/r weights + biases."""
+    from microtrain.errors import RecipeError
+    from microtrain_plugins.models.dsresnet import SeparableResidualBlock, SqueezeExcite, build_dsresnet
+
+    block = SeparableResidualBlock(16, 16, se_reduction=4).eval()
+    x = torch.rand(2, 16, 6, 6)
+    assert torch.equal(block(x), x)  # the zero-initialised BN still makes a fresh block the identity
+    assert sum(p.numel() for p in block.excite.parameters()) == 16 * 4 + 4 + 4 * 16 + 16
+
+    torch.manual_seed(0)
+    excite = SqueezeExcite(8, 2)
+    images = torch.rand(2, 8, 5, 5)
+    images[1] *= 3  # another image: other channel means, so another gate
+    gate = excite(images) / images
+    assert ((gate > 0) & (gate < 1)).all()
+    assert torch.allclose(gate, gate[:, :, :1, :1].expand_as(gate))  # one factor per image and channel
+    assert not torch.allclose(gate[0], gate[1])
+
+    plain, gated = build_dsresnet(10, (3, 32, 32)), build_dsresnet(10, (3, 32, 32), se_reduction=16)
+    assert sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in plain.parameters()) == 5_852
+    assert gated(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    from microtrain.plugin_manager import create_plugin_manager
+
+    dsresnet = create_plugin_manager()[1].get("model", "dsresnet", "model.name")
+    with pytest.raises(RecipeError, match=r"model.se_reduction: must be >= 0"):
+        dsresnet.validate({"se_reduction": -1}, "model")

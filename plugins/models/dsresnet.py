@@ -13,6 +13,12 @@ strided 1x1 convolution with BN (``shortcut: projection``, the default) or, with
 2x2 average pool and zero channels appended (He et al.'s option A): no parameters, so the ~10K that
 the two projections cost at the default widths can go into width instead.
 
+``se_reduction: r`` (0, the default, leaves it out) scales the residual branch's channels, before the
+sum, by a squeeze-and-excitation gate (Hu et al.): global average pool -> 1x1 to ``channels // r`` ->
+ReLU -> 1x1 back -> sigmoid. Every other layer here sees a 3x3 neighbourhood; the gate lets each
+block weigh its channels by what the whole image holds, for about ``2 * channels**2 / r`` parameters
+(5,852 at the default widths with r=16) and little compute.
+
 The last BN of each block starts at zero, so each block starts as the
 identity (He et al. / Goyal et al.'s zero-init trick), which makes deep stacks train from the
 first step. Outputs logits after global average pooling and a linear layer.
@@ -50,12 +56,26 @@ class PoolAndPad(nn.Module):
         return nn.functional.pad(self.pool(x), (0, 0, 0, 0, 0, self.extra))
 
 
+class SqueezeExcite(nn.Module):
+    """Multiplies each channel by a gate in (0, 1) computed from the whole feature map's channel means."""
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(hidden, channels, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
 class SeparableResidualBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "projection"):
+    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "projection", se_reduction: int = 0):
         super().__init__()
         self.first = separable(cin, cout, stride)
         self.second = separable(cout, cout)
-        nn.init.zeros_(self.second[-1].weight)  # the block starts as the identity
+        nn.init.zeros_(self.second[-1].weight)  # the block starts as the identity (the gate scales a zero branch)
+        self.excite: nn.Module = SqueezeExcite(cout, se_reduction) if se_reduction else nn.Identity()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = PoolAndPad(cin, cout, stride) if shortcut == "pad" else \
@@ -64,12 +84,12 @@ class SeparableResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.first(x))
-        return self.relu(self.second(out) + self.shortcut(x))
+        return self.relu(self.excite(self.second(out)) + self.shortcut(x))
 
 
 class DSResNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int, widths: list[int], blocks: list[int], dropout: float,
-                 shortcut: str = "projection"):
+                 shortcut: str = "projection", se_reduction: int = 0):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
@@ -78,7 +98,7 @@ class DSResNet(nn.Module):
         for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
             for index in range(count):
                 stride = 2 if stage > 0 and index == 0 else 1
-                layers.append(SeparableResidualBlock(cin, width, stride, shortcut))
+                layers.append(SeparableResidualBlock(cin, width, stride, shortcut, se_reduction))
                 cin = width
         self.stages = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -102,10 +122,12 @@ def build_dsresnet(num_classes: int, image_shape: tuple[int, int, int], *,
                    widths: Annotated[list[Annotated[int, Range(ge=1, le=1024)]], STAGES] = [32, 64, 128],  # noqa: B006
                    blocks: Annotated[list[Annotated[int, Range(ge=1, le=16)]], STAGES] = [2, 2, 2],  # noqa: B006
                    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0,
-                   shortcut: Literal["projection", "pad"] = "projection") -> nn.Module:
+                   shortcut: Literal["projection", "pad"] = "projection",
+                   se_reduction: Annotated[int, Range(ge=0, le=1024)] = 0) -> nn.Module:
     """Residual depthwise-separable CNN: one stage per entry of ``widths`` (each after the first halves the
     resolution) with as many residual blocks as the same entry of ``blocks``; dropout before the final linear layer;
-    ``shortcut`` is how a block that changes the shape carries its input (see the module's docstring)."""
+    ``shortcut`` is how a block that changes the shape carries its input; ``se_reduction`` > 0 adds a
+    squeeze-and-excitation gate to each block with that reduction ratio (see the module's docstring)."""
     if len(widths) != len(blocks):  # the one rule across two options, so it is checked here
         raise RecipeError(f"model.widths and model.blocks need the same number of stages (one entry each), got "
                           f"{len(widths)} widths and {len(blocks)} block counts")
@@ -114,7 +136,7 @@ def build_dsresnet(num_classes: int, image_shape: tuple[int, int, int], *,
         if narrowing:
             raise RecipeError(f"model.shortcut=pad only appends channels, but model.widths narrows ({', '.join(narrowing)}); "
                               "make each width at least the one before it, or use model.shortcut=projection")
-    return DSResNet(num_classes, image_shape[0], list(widths), list(blocks), dropout, shortcut)
+    return DSResNet(num_classes, image_shape[0], list(widths), list(blocks), dropout, shortcut, se_reduction)
 
 
 @microtrain.hookimpl
