@@ -73,10 +73,15 @@ def train_seed(recipe: str, seed: int, overrides: list[str], run_dir: Path, plug
 
 def analyse(run_dir: Path, target: float) -> dict[str, Any]:
     """Epoch and wall time at which test accuracy first reached ``target``, final and best accuracy."""
+    from microtrain.errors import MicrotrainError
     from microtrain_plugins.callbacks.metrics_log import read_metrics
+    from microtrain_plugins.callbacks.summary import evaluated_rows
 
     rows = read_metrics(run_dir)
-    evaluated = [row for row in rows if "test_acc" in row]  # every epoch, unless the recipe sets eval_every
+    evaluated = evaluated_rows(rows)  # every epoch, unless the recipe sets eval_every
+    if not evaluated:
+        raise MicrotrainError(f"{run_dir}: no evaluated epoch in metrics.jsonl (the run stopped before its first "
+                              "evaluation, or evaluated none); resume it with microtrain run RECIPE --resume DIR")
     timed = all(row.get("wall_seconds") is not None for row in evaluated)
     reached = next((row for row in evaluated if row["test_acc"] >= target), None)
     elapsed = 0.0
@@ -178,11 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     failed = False
     if args.runs is not None:
-        for run_dir in args.runs:
-            result = analyse(run_dir, args.target)
-            saved = run_dir / "recipe.yaml"
-            import yaml
+        import yaml
 
+        for run_dir in args.runs:
+            try:
+                result = analyse(run_dir, args.target)
+            except MicrotrainError as exc:
+                result, failed = {"run_dir": str(run_dir), "error": str(exc)}, True
+            saved = run_dir / "recipe.yaml"
             result["seed"] = yaml.safe_load(saved.read_text()).get("seed") if saved.is_file() else "?"
             results.append(result)
     else:

@@ -111,6 +111,13 @@ def test_time_to_accuracy_reads_the_evaluated_epochs(tmp_path: Path, monkeypatch
     assert (result["epoch_to_target"], result["seconds_to_target"], result["time_kind"]) == (2, 30.0, "wall_seconds")
     assert (result["final_test_acc"], result["best_test_acc"], result["total_seconds"]) == (87.0, 87.0, 55.0)
 
+    stopped = tmp_path / "stopped"  # stopped before its first evaluation: one line saying so, not an IndexError
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert bench.main(["--runs", str(tmp_path), str(stopped)]) == 1
+    with pytest.raises(MicrotrainError, match="no evaluated epoch"):
+        bench.analyse(stopped, 85.0)
+
 
 def test_evaluating_less_often_changes_neither_training_nor_what_a_checkpoint_holds(tmp_path: Path) -> None:
     """Same seed, eval_every 1 against 3: the same train figures every epoch, the same final test figures, and the
