@@ -24,6 +24,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels use here (AVX2, AVX512, ...). Our VMs all call themselves
+    "AMD EPYC" yet one has AVX-512 and one only AVX2, and this work runs about twice as fast on the first."""
+    with contextlib.suppress(AttributeError, RuntimeError):
+        return str(torch.backends.cpu.get_cpu_capability())
+    return "unknown"
+
+
 def usable_cores() -> int:
     """Cores this process may run on (a container's CPU set, not the host's count)."""
     if hasattr(os, "sched_getaffinity"):
@@ -41,6 +49,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),
         "cores": os.cpu_count(),
         "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),

@@ -33,3 +33,4 @@ def test_machine_info_names_device_threads_and_versions():
     assert info["device"] == "cpu" and info["gpu"] is None  # a CPU run names no GPU, even on a GPU machine
     assert info["torch_threads"] == torch.get_num_threads() and 1 <= info["usable_cores"] <= info["cores"]
     assert info["torch"] == torch.__version__ and info["microtrain"]
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # AVX2 or AVX512: twice the speed apart

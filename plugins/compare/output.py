@@ -169,8 +169,9 @@ def markdown(result: dict[str, Any]) -> str:
     parts += [_md_table(["side", "seed", "run dir", "epochs"], rows), ""]
     if header:
         machine = header.get("machine", {})
+        capability = f", {machine['cpu_capability']}" if machine.get("cpu_capability") else ""
         parts += [f"Written by `microtrain compare` on {header.get('date', '?')}, on {machine.get('cpu', '?')} "
-                  f"({machine.get('cores', '?')} cores), microtrain {machine.get('microtrain', '?')}, "
+                  f"({machine.get('cores', '?')} cores{capability}), microtrain {machine.get('microtrain', '?')}, "
                   f"torch {machine.get('torch', '?')}.", ""]
     return "\n".join(parts)
 

@@ -185,6 +185,8 @@ def render_markdown(record: dict[str, Any], history: list[dict], reference: dict
     if run.get("parameters") is not None:
         rows.append(("parameters", f"{run['parameters']:,}"))
     machine = f"{run.get('platform', '?')}; {run.get('cpu', '?')}, {run.get('cores', '?')} cores"
+    if run.get("cpu_capability"):  # absent in runs recorded before it was
+        machine += f" ({run['cpu_capability']})"
     if run.get("gpu"):
         machine += f"; {run['gpu']}"
     rows += [("device", str(run.get("device"))), ("machine", machine),
