@@ -30,7 +30,7 @@ TINY_RECIPE = {
     "epochs": 2,
     "seed": 0,
     "threads": 1,
-    "data": {"name": "synthetic", "train_size": 256, "test_size": 128},
+    "data": {"name": "synthetic", "train_size": 256, "test_size": 128, "image_size": 16},
     "model": {"name": "dsconv", "dropout": 0.0},
     "loader": {"name": "albumentations", "batch_size": 64, "workers": 0,
                "augment": [{"HorizontalFlip": {"p": 0.5}}]},
