@@ -149,3 +149,16 @@ def test_dsresnet_squeeze_excite_gates_each_image_and_keeps_the_identity_start()
     dsresnet = create_plugin_manager()[1].get("model", "dsresnet", "model.name")
     with pytest.raises(RecipeError, match=r"model.se_reduction: must be >= 0"):
         dsresnet.validate({"se_reduction": -1}, "model")
+
+
+def test_dsresnet_silu_replaces_every_relu_at_no_parameter_cost():
+    from microtrain_plugins.models.dsresnet import build_dsresnet
+
+    plain, smooth = build_dsresnet(10, (3, 32, 32)), build_dsresnet(10, (3, 32, 32), activation="silu")
+    kinds = {type(module) for module in smooth.modules()}
+    assert torch.nn.SiLU in kinds and torch.nn.ReLU not in kinds
+    assert sum(p.numel() for p in smooth.parameters()) == sum(p.numel() for p in plain.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    assert smooth.eval()(x).shape == (2, 10)
+    smooth.load_state_dict(plain.state_dict())  # same layers, same names: only the non-linearity differs
+    assert not torch.allclose(smooth(x), plain.eval()(x))
