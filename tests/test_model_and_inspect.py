@@ -162,3 +162,5 @@ def test_dsresnet_silu_replaces_every_relu_at_no_parameter_cost():
     assert smooth.eval()(x).shape == (2, 10)
     smooth.load_state_dict(plain.state_dict())  # same layers, same names: only the non-linearity differs
     assert not torch.allclose(smooth(x), plain.eval()(x))
+    smooth.train()(x).sum().backward()  # the in-place SiLU keeps what its gradient needs
+    assert all(p.grad is not None for p in smooth.parameters())

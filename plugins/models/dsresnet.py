@@ -23,7 +23,8 @@ block weigh its channels by what the whole image holds, for about ``2 * channels
 networks) where ReLU stands by default, at no cost in parameters.
 
 The last BN of each block starts at zero, so each block starts as the
-identity (He et al. / Goyal et al.'s zero-init trick), which makes deep stacks train from the
+identity (He et al. / Goyal et al.'s zero-init trick; exactly so with ReLU, whose inputs here are already
+non-negative, and as one more SiLU with ``activation: silu``), which makes deep stacks train from the
 first step. Outputs logits after global average pooling and a linear layer.
 """
 
